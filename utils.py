@@ -408,3 +408,71 @@ def compare_per_class(csv_a, csv_b, margin=5.0):
     lines.append(f'B ({csv_b}) better on {len(b_wins)}:')
     lines += [f'  {c:<40} +{d:5.1f}  ({b[c]:.1f} vs {a[c]:.1f})' for d, c in b_wins]
     return '\n'.join(lines)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Classification stages (finetune.py, linprobe.py): one evaluation loop, one report, one checkpoint layout.
+
+@torch.no_grad()
+def evaluate(model_fn, loader, device, autocast=nullcontext, failures=None, max_clips=None, desc='eval',
+             progress=True):
+    """Every view of every video in loader through model_fn; returns a ViewMerger (then .gather() on all ranks).
+
+    Batches: video uint8 (B, V, 3, T, H, W), label (B,), index (B,), failed (list of str).
+    model_fn: uint8 clips (n, 3, T, H, W) on device -> logits (n, C) (it normalises). The B*V clips go through
+    in chunks of at most max_clips: the V = clips x crops test views would otherwise multiply the memory of a
+    batch by V. failures: anything with .update(batch['failed']) (data.FailureLog)."""
+    from tqdm import tqdm
+    merger = ViewMerger()
+    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
+        if failures is not None:
+            failures.update(batch['failed'])
+        video = batch['video'].to(device, non_blocking=True)
+        B, V = video.shape[:2]
+        clips = video.flatten(0, 1)                                      # (B*V, 3, T, H, W), views of a video adjacent
+        chunk = max_clips or len(clips)
+        with autocast():
+            logits = torch.cat([model_fn(clips[i:i + chunk]).float() for i in range(0, len(clips), chunk)])
+        merger.add(batch['index'], logits.view(B, V, -1), batch['label'])
+    return merger
+
+
+def classification_report(merger, classes, csv_path=None):
+    """Top-1/top-5 over videos (softmax of the views averaged) -> dict; with csv_path (rank 0) also the
+    per-class accuracy CSV. Call on every rank: the gather is collective."""
+    scores, labels = merger.gather()
+    if len(labels) == 0:
+        raise SystemExit('error: the evaluation saw no video (empty split?)')
+    metrics = {**topk_accuracy(scores, labels), 'videos': len(labels)}
+    if csv_path:
+        write_per_class_csv(csv_path, per_class_accuracy(scores, labels, classes))
+    return metrics
+
+
+def training_state(stage, model, cfg, epoch, step_in_epoch, optimizer, scaler, classes):
+    """The checkpoint of the convention (api.md). Call on every rank (it gathers each rank's RNG state,
+    so that a resume with the same world size continues every rank's random stream exactly)."""
+    rng = rng_state()
+    ranks = [rng]
+    if dist.is_available() and dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, rng)
+    return {'model': model.state_dict(), 'config': cfg, 'stage': stage, 'epoch': epoch,
+            'step_in_epoch': step_in_epoch, 'optimizer': optimizer.state_dict(),
+            'scaler': scaler.state_dict() if scaler is not None else None, 'rng': rng, 'rng_ranks': ranks,
+            'classes': list(classes)}
+
+
+def resume_training(path, stage, model, optimizer, scaler, rank=0):
+    """Restore training_state(): weights (strict), optimizer, scaler, this rank's RNG. Returns the checkpoint."""
+    state = load_state(path)
+    if state.get('stage') != stage:
+        raise SystemExit(f"error: --resume {path} is a {state.get('stage')!r} checkpoint, not a {stage!r} one; "
+                         f"to start {stage} from it pass it as the initial weights and a fresh --output_dir")
+    model.load_state_dict(state['model'])
+    optimizer.load_state_dict(state['optimizer'])
+    if scaler is not None and state.get('scaler'):
+        scaler.load_state_dict(state['scaler'])
+    ranks = state.get('rng_ranks') or []
+    set_rng_state(ranks[rank] if rank < len(ranks) else state['rng'])
+    return state
