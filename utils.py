@@ -476,3 +476,23 @@ def resume_training(path, stage, model, optimizer, scaler, rank=0):
     ranks = state.get('rng_ranks') or []
     set_rng_state(ranks[rank] if rank < len(ranks) else state['rng'])
     return state
+
+
+def checkpoint_meta(path):
+    """{'config', 'classes', 'stage'} of one of our checkpoints without reading its tensors (mmap);
+    empty values for an official file (it has none of them)."""
+    import argparse  # official checkpoints pickle their argparse Namespace
+    if not os.path.isfile(path):
+        raise SystemExit(f'error: checkpoint {path}: no such file')
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            try:
+                obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                obj = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as e:
+        raise SystemExit(f'error: cannot read checkpoint {path}: {e}') from None
+    obj = obj if isinstance(obj, dict) else {}
+    cfg = obj.get('config')
+    return {'config': dict(cfg) if isinstance(cfg, dict) else {}, 'classes': list(obj.get('classes') or []),
+            'stage': obj.get('stage')}
