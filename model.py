@@ -234,7 +234,7 @@ class PretrainEncoder(nn.Module):
         # Only visible cubes are embedded: gather their pixels (B*N_vis, 3, t, p, p), copying nothing else,
         # then the Conv3d as one matmul. At ratio 0.9 this is a tenth of the full convolution.
         cubes = _cube_view(video, self.patch_size, self.tubelet_size)[vis.view(B, *grid)]
-        x = self.patch_embed.embed_cubes(cubes.reshape(B, -1, cubes[0].numel()))        # (B, N_vis, D)
+        x = self.patch_embed.embed_cubes(cubes.reshape(B, -1, 3 * self.tubelet_size * self.patch_size ** 2))  # (B, N_vis, D)
         pos = _positions(self, grid, x.shape[-1], x.device).to(x.dtype)                  # (N, D)
         x = x + pos.expand(B, -1, -1)[vis].reshape(B, -1, x.shape[-1])
         return self.norm(run_blocks(self.blocks, x, self.use_checkpoint and self.training))
@@ -245,7 +245,7 @@ class PretrainDecoder(nn.Module):
         super().__init__()
         Dd, t, p = cfg['decoder_embed_dim'], cfg['tubelet_size'], cfg['patch_size']
         self.use_checkpoint = cfg['use_checkpoint']
-        self.blocks = make_blocks(Dd, cfg['decoder_depth'], cfg['decoder_num_heads'], {**cfg, 'init_values': 0.0})
+        self.blocks = make_blocks(Dd, cfg['decoder_depth'], cfg['decoder_num_heads'], cfg)
         self.norm = nn.LayerNorm(Dd, eps=1e-6)
         self.head = nn.Linear(Dd, 3 * t * p * p)               # 1536 = 3 x 2 x 16 x 16
 
@@ -280,9 +280,10 @@ class PretrainVideoMAE(nn.Module):
         every row -> predictions (B, N_masked, 3*t*p*p) of the masked cubes in index order."""
         _check_video(video)
         B, N = video.shape[0], math.prod(self.grid(video.shape))
-        mask = mask.reshape(B, -1).to(device=video.device, dtype=torch.bool) if mask.numel() == B * N else None
-        if mask is None:
-            raise ValueError(f"mask must hold {B} x {N} entries for a video of shape {tuple(video.shape)}")
+        if mask.numel() != B * N:
+            raise ValueError(f"mask must hold {B} x {N} entries for a video of shape {tuple(video.shape)}, "
+                             f"got shape {tuple(mask.shape)}")
+        mask = mask.reshape(B, N).to(device=video.device, dtype=torch.bool)      # official masks come as float
         counts = mask.sum(1).tolist()
         if len(set(counts)) > 1:
             raise ValueError(f"every sample must mask the same number of cubes, got counts {sorted(set(counts))}")
@@ -328,7 +329,8 @@ class VisionTransformer(nn.Module):
             for m in self.modules():
                 if isinstance(m, nn.Linear):
                     nn.init.trunc_normal_(m.weight, std=0.02)
-                    nn.init.zeros_(m.bias) if m.bias is not None else None
+                    if m.bias is not None:
+                        nn.init.zeros_(m.bias)
                 elif isinstance(m, nn.LayerNorm):
                     nn.init.ones_(m.weight)
                     nn.init.zeros_(m.bias)
@@ -354,10 +356,13 @@ class VisionTransformer(nn.Module):
 
 
 def build_pretrain(size, **overrides):
+    """Pre-training model of an official size; overrides = any DEFAULTS/SIZES key (tiny models in tests).
+    model.config holds everything incl. 'size', so build_pretrain(**model.config) rebuilds it."""
     return PretrainVideoMAE(_config(size, overrides))
 
 
 def build_classifier(size, num_classes, **overrides):
+    """Fine-tuning classifier; build_classifier(**model.config) rebuilds it (config has size, num_classes)."""
     if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
         raise ValueError(f"num_classes must be an int >= 0 (0 = no head, features only), got {num_classes!r}")
     return VisionTransformer(_config(size, overrides), num_classes)

@@ -48,6 +48,7 @@ def test_finetuned_layout_with_prefixes_and_fp16_loads_strict(tmp_path):
     # ours, bare state dict too
     torch.save({'model': a.state_dict(), 'config': a.config}, tmp_path / 'ours.pth')
     assert load_checkpoint(b, tmp_path / 'ours.pth')['source'] == 'ours-classifier'
+    assert load_checkpoint(build_classifier(**a.config), tmp_path / 'ours.pth')['missing'] == []   # config rebuilds
     torch.save(a.state_dict(), tmp_path / 'bare.pth')
     assert load_checkpoint(b, tmp_path / 'bare.pth')['missing'] == []
 
