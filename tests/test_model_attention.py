@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import Attention, Block, DropPath, build_classifier, build_pretrain
+from model import Attention, DropPath, build_classifier, build_pretrain
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
             patch_size=8, img_size=32, num_frames=4)
