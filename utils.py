@@ -437,15 +437,20 @@ def evaluate(model_fn, loader, device, autocast=nullcontext, failures=None, max_
     return merger
 
 
-def classification_report(merger, classes, csv_path=None):
-    """Top-1/top-5 over videos (softmax of the views averaged) -> dict; with csv_path (rank 0) also the
-    per-class accuracy CSV. Call on every rank: the gather is collective."""
+def classification_report(merger, classes, save_prefix=None, title='test'):
+    """Top-1/top-5 over videos (softmax of the views averaged) -> dict. With save_prefix (pass it on rank 0
+    only) also writes <prefix>-results.json and <prefix>-per-class.csv and prints the scores.
+    Call on every rank: the gather is collective."""
     scores, labels = merger.gather()
     if len(labels) == 0:
         raise SystemExit('error: the evaluation saw no video (empty split?)')
     metrics = {**topk_accuracy(scores, labels), 'videos': len(labels)}
-    if csv_path:
-        write_per_class_csv(csv_path, per_class_accuracy(scores, labels, classes))
+    if save_prefix:
+        write_per_class_csv(f'{save_prefix}-per-class.csv', per_class_accuracy(scores, labels, classes))
+        with open(f'{save_prefix}-results.json', 'w') as f:
+            json.dump({**metrics, 'title': title}, f, indent=1)
+        print(f"{title}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} over {len(labels)} videos "
+              f"(per class: {save_prefix}-per-class.csv)")
     return metrics
 
 
