@@ -1,0 +1,874 @@
+"""VideoMAE on AVA v2.2: spatio-temporal action detection (appendix § B "AVA", Table 12).
+
+The backbone is the fine-tuning ViT of model.py; the head is the SlowFast detection head the appendix
+follows (as in the official VideoMAE-Action-Detection code): token LayerNorm -> (C, T', H', W') -> mean over
+time -> RoIAlign 7x7 per person box -> max over the 7x7 -> dropout -> Linear to the 80 AVA actions ->
+sigmoid (multi-label). Training sees ground-truth person boxes, inference the detector's boxes with
+score >= 0.8. The metric is frame-level AP at IoU 0.5 per class over the 60 evaluated classes, and its mean.
+
+Read top to bottom: recipe table, AVA files (annotations, boxes, frames or videos), the clip dataset,
+the head, the AP evaluation, the synthetic AVA-layout set, argparse, the loop, main().
+
+  python detect.py                                   # synthetic AVA-layout set on CPU, a few minutes
+  torchrun --nproc_per_node=8 detect.py --data_path /data/ava --model base \
+      --finetune videomae_base_k400_pretrain.pth     # paper recipe (Table 12), frames in SlowFast layout
+"""
+import argparse
+import csv
+import functools
+import json
+import math
+import os
+import shutil
+import sys
+import tempfile
+import time
+from collections import defaultdict
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+import torch.nn.functional as F
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg, read_file
+from torchvision.ops import box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
+from torchvision.transforms import v2
+from tqdm import tqdm
+
+import data
+import utils
+from model import build_classifier, load_checkpoint, sincos_table
+
+# ----------------------------------------------------------------------------------------------------
+# Recipes. Table 12, AVA v2.2 columns: without (key = size) and with (key = size-k400ft) the extra
+# supervised fine-tuning of the backbone on Kinetics-400. Common to both: AdamW (0.9, 0.999), wd 0.05,
+# batch 128, cosine, 5 warm-up epochs, no repeated augmentation, flip, drop path 0.2. lr = base x batch / 256
+# (appendix § B). Per-GPU batch, min lr, 16x4 clips, short side 256 / crop 224: the official AD scripts.
+# Head dropout 0: the official AD head has none (SlowFast's AVA configs use 0.5).
+# ----------------------------------------------------------------------------------------------------
+AVA = dict(weight_decay=0.05, betas=(0.9, 0.999), total_batch=128, warmup_epochs=5, drop_path=0.2, flip=True,
+           min_lr=1e-6, num_frames=16, sampling_rate=4, input_size=224, short_side=256, det_thresh=0.8,
+           head_dropout=0.0, num_workers=8)
+RECIPES = {
+    'small':        dict(AVA, model='small', lr=1e-3, epochs=30, layer_decay=0.6, batch_size=8),     # Table 12
+    'base':         dict(AVA, model='base', lr=2.5e-4, epochs=30, layer_decay=0.75, batch_size=4),   # Table 12
+    'large':        dict(AVA, model='large', lr=2.5e-4, epochs=30, layer_decay=0.75, batch_size=4),  # Table 12
+    'huge':         dict(AVA, model='huge', lr=5e-4, epochs=20, layer_decay=0.8, batch_size=2),      # Table 12
+    'small-k400ft': dict(AVA, model='small', lr=5e-4, epochs=30, layer_decay=0.6, batch_size=8),     # Table 12
+    'base-k400ft':  dict(AVA, model='base', lr=5e-4, epochs=30, layer_decay=0.75, batch_size=4),     # Table 12
+    'large-k400ft': dict(AVA, model='large', lr=5e-4, epochs=20, layer_decay=0.8, batch_size=4),     # Table 12
+    'huge-k400ft':  dict(AVA, model='huge', lr=5e-4, epochs=20, layer_decay=0.8, batch_size=2),      # Table 12
+    # Ours: a tiny ViT trained from scratch on the synthetic AVA-layout set, on a laptop CPU in minutes.
+    'synthetic': dict(AVA, model='small', embed_dim=64, depth=2, num_heads=2, patch_size=8, lr=2e-2, epochs=12,
+                      layer_decay=1.0, drop_path=0.0, warmup_epochs=1, total_batch=8, batch_size=8, num_frames=4,
+                      input_size=64, short_side=64, num_workers=0, min_lr=1e-5),
+}
+AVA_FPS = 30          # SlowFast frames are extracted at 30 fps from the cut that starts at 15:00
+WINDOW_START = 900    # keyframe of second s = frame (s - 900) x 30 of that cut
+NUM_ACTIONS = 80      # the model predicts all 80 AVA ids (1..80); evaluation keeps the label map's 60
+
+
+def recipe_key(dataset, size, kinetics_finetuned):
+    return 'synthetic' if dataset == 'synthetic' else size + ('-k400ft' if kinetics_finetuned else '')
+
+
+# ----------------------------------------------------------------------------------------------------
+# AVA annotation files, as distributed (datasets.md, AVA v2.2).
+# ----------------------------------------------------------------------------------------------------
+def make_key(video_id, timestamp):
+    return video_id, int(timestamp)              # '0902' and '902' are the same keyframe
+
+
+def read_label_map(path):
+    """pbtxt with `item { name: ".." id: N }` or `label { name: ".." label_id: N ... }` -> {id: name}."""
+    out, name = {}, None
+    with open(path) as f:
+        for line in f:
+            line = line.strip()
+            if line.startswith('name:'):
+                name = line.split('"')[1]
+            elif line.startswith(('id:', 'label_id:')):
+                out[int(line.split(':')[1])] = name
+    if not out:
+        raise SystemExit(f'error: {path}: no `name:` / `id:` (or `label_id:`) entries: not an AVA label map')
+    return out
+
+
+def read_ava_csv(path, detections=False):
+    """GT (8 columns, the last a person id) or detection CSV (score last; the action column may be empty).
+
+    Rows are grouped per keyframe and box, so a person with three actions is one box with three labels.
+    -> {(video_id, sec): {box (x1, y1, x2, y2) normalised: [set of action ids, score]}}."""
+    out = defaultdict(dict)
+    with open(path, newline='') as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if not row:
+                continue
+            if len(row) not in (7, 8):
+                raise SystemExit(f'error: {path}:{n}: expected 7 or 8 comma-separated columns '
+                                 f'(video_id,timestamp,x1,y1,x2,y2,action_id[,person_id|score]), got {len(row)}')
+            try:
+                key = make_key(row[0], row[1])
+                box = tuple(round(float(v), 4) for v in row[2:6])
+                action = int(row[6]) if row[6].strip() not in ('', '-1') else None
+                score = float(row[7]) if detections and len(row) == 8 else 1.0
+            except ValueError as e:
+                raise SystemExit(f'error: {path}:{n}: {e} in row {row}') from None
+            entry = out[key].setdefault(box, [set(), score])
+            if action is not None:
+                entry[0].add(action)
+            entry[1] = max(entry[1], score)
+    return out
+
+
+def read_aia_json(path, images_path):
+    """AIA/AlphAction person boxes (what VideoMAE used): a JSON list of {image_id, bbox [x, y, w, h] in
+    keyframe pixels, score}; image ids, movies, timestamps and sizes come from the COCO-style
+    ava_val_v2.2_min.json (`images`). -> the read_ava_csv structure."""
+    if not images_path or not os.path.isfile(images_path):
+        raise SystemExit(f'error: {path} is an AIA JSON box file; it needs the COCO-style annotation file with '
+                         f'its `images` (ava_val_v2.2_min.json): pass --det_images (not found: {images_path})')
+    with open(images_path) as f:
+        images = {im['id']: im for im in json.load(f)['images']}
+    out = defaultdict(dict)
+    with open(path) as f:
+        for det in json.load(f):
+            im = images.get(det['image_id'])
+            if im is None:
+                raise SystemExit(f"error: {path}: image_id {det['image_id']} is not in {images_path}")
+            x, y, w, h = det['bbox']
+            W, H = im['width'], im['height']
+            box = tuple(round(v, 4) for v in (x / W, y / H, (x + w) / W, (y + h) / H))
+            out[make_key(im['movie'], im['timestamp'])][box] = [set(), float(det['score'])]
+    return out
+
+
+def read_excluded(path):
+    if not path:
+        return set()
+    with open(path, newline='') as f:
+        return {make_key(r[0], r[1]) for r in csv.reader(f) if len(r) == 2}
+
+
+def entries_from(boxes_by_key, min_score=0.0, skip=()):
+    """-> sorted list of (video_id, sec, boxes (n, 4) normalised, multi-hot (n, 80), scores (n,)); keyframes
+    with no box left (after the score threshold) are dropped, as the official code drops them."""
+    out = []
+    for key in sorted(boxes_by_key):
+        if key in skip:
+            continue
+        rows = [(b, a, s) for b, (a, s) in boxes_by_key[key].items() if s >= min_score]
+        if not rows:
+            continue
+        labels = torch.zeros(len(rows), NUM_ACTIONS)
+        for i, (_, acts, _) in enumerate(rows):
+            for a in acts:
+                if 1 <= a <= NUM_ACTIONS:
+                    labels[i, a - 1] = 1
+        out.append((key[0], key[1], torch.tensor([r[0] for r in rows]).clamp(0, 1), labels,
+                    torch.tensor([r[2] for r in rows])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frames: the SlowFast JPEG layout, or the videos themselves decoded with PyAV around each keyframe.
+# Both return uint8 (T, 3, H, W) for the frame offsets around the keyframe, clamped into the video.
+# ----------------------------------------------------------------------------------------------------
+class FrameFolder:
+    """frames/<id>/<id>_000001.jpg at 30 fps (frame 0 = 15:00), listed by frame_lists/{train,val}.csv."""
+
+    def __init__(self, root, frame_lists=()):
+        self.root, self.paths = root, {}
+        for fl in frame_lists:                   # header `original_vido_id video_id frame_id path labels`
+            with open(fl) as f:
+                next(f)
+                rows = [line.split() for line in f if line.strip()]
+            for vid in {r[0] for r in rows}:
+                self.paths[vid] = [os.path.join(root, r[3]) for r in sorted((r for r in rows if r[0] == vid),
+                                                                            key=lambda r: int(r[2]))]
+
+    def frames_of(self, vid):
+        if vid not in self.paths:                # no frame list: the folder itself, in name order
+            folder = os.path.join(self.root, vid)
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f'{folder}: no frames for video {vid}')
+            self.paths[vid] = [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if n.endswith('.jpg')]
+        return self.paths[vid]
+
+    def clip(self, vid, sec, offsets):
+        paths = self.frames_of(vid)
+        key = (sec - WINDOW_START) * AVA_FPS
+        idx = [min(max(key + o, 0), len(paths) - 1) for o in offsets]
+        decoded = {i: decode_jpeg(read_file(paths[i]), mode=ImageReadMode.RGB) for i in set(idx)}
+        return torch.stack([decoded[i] for i in idx])
+
+
+class VideoFolder:
+    """videos/<id>.{mp4,mkv,webm,...}: whole movies (--video_start 0, as downloaded) or the 15-minute
+    cuts starting at 15:00 (--video_start 900). The frame stride is in the video's own frames."""
+
+    def __init__(self, root, start=0):
+        self.start = start
+        self.paths = {os.path.splitext(n)[0]: os.path.join(root, n) for n in sorted(os.listdir(root))
+                      if n.lower().endswith(data.VIDEO_EXTS)}
+
+    def clip(self, vid, sec, offsets):
+        if vid not in self.paths:
+            raise FileNotFoundError(f'no video file for {vid} in {os.path.dirname(next(iter(self.paths.values()), ""))}')
+        n, fps, _, _ = data.video_info(self.paths[vid])
+        key = int(round((sec - self.start) * fps))
+        idx = [min(max(key + o, 0), n - 1) for o in offsets]
+        return data.decode_frames(self.paths[vid], idx, tail_slack=3).permute(0, 3, 1, 2)
+
+
+# ----------------------------------------------------------------------------------------------------
+# Clips and boxes. Train: short side 256, random 224 crop, random flip, boxes transformed with the frames
+# (torchvision.transforms.v2 on a Video + BoundingBoxes). Test: short side resized, boxes scaled.
+# ----------------------------------------------------------------------------------------------------
+def transform_clip(clip, boxes, *, train, input_size, short_side, flip):
+    """uint8 (T, 3, H, W), pixel boxes (n, 4) xyxy -> (clip, boxes clipped to it, kept box indices)."""
+    ops = [v2.Resize(short_side, antialias=True)]
+    if train:
+        ops.append(v2.RandomCrop(input_size))
+        if flip:
+            ops.append(v2.RandomHorizontalFlip(0.5))
+    clip, boxes = v2.Compose(ops)(tv_tensors.Video(clip),
+                                  tv_tensors.BoundingBoxes(boxes, format='XYXY', canvas_size=clip.shape[-2:]))
+    boxes = clip_boxes_to_image(boxes.as_subclass(torch.Tensor), clip.shape[-2:])
+    keep = remove_small_boxes(boxes, 1.0)         # boxes the crop cut away (under a pixel wide) are dropped
+    return clip.as_subclass(torch.Tensor), boxes[keep], keep
+
+
+def clip_offsets(num_frames, rate):
+    """Frame offsets around the keyframe, official TemporalCrop: 16x4 -> -31, -27, ..., +29."""
+    return [k * rate - num_frames * rate // 2 + (rate - 1) // 2 for k in range(num_frames)]
+
+
+class AVAClips(torch.utils.data.Dataset):
+    """One item per keyframe: dict(video uint8 (3, T, h, w), boxes (n, 4) pixels of that clip, labels (n, 80),
+    scores (n,), norm_boxes (n, 4) as read, key (video_id, sec), index, failed). Items are a pure function
+    of (seed, epoch, index). An unreadable clip is counted and reported: in training replaced by another
+    keyframe, in evaluation returned with no box (its ground truth then counts as missed)."""
+
+    def __init__(self, entries, source, *, train, num_frames, sampling_rate, input_size, short_side, flip, seed=0):
+        if not entries:
+            raise SystemExit('error: no keyframe with a person box to ' + ('train on' if train else 'evaluate'))
+        self.entries, self.source, self.train, self.seed = entries, source, train, seed
+        self.offsets = clip_offsets(num_frames, sampling_rate)
+        self.tf = dict(train=train, input_size=input_size, short_side=short_side, flip=flip)
+
+    def __len__(self):
+        return len(self.entries)
+
+    def __getitem__(self, key):
+        index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
+        failed, idx = [], index
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+            for _ in range(10):
+                vid, sec, boxes, labels, scores = self.entries[idx]
+                try:
+                    clip = self.source.clip(vid, sec, self.offsets)
+                except (OSError, RuntimeError) as e:      # data.VideoDecodeError is a RuntimeError
+                    failed.append(f'{vid} {sec}: {e}')
+                    if not self.train:
+                        clip, boxes = torch.zeros(len(self.offsets), 3, 32, 32, dtype=torch.uint8), boxes[:0]
+                    else:
+                        idx = int(torch.randint(len(self.entries), ()))
+                        continue
+                H, W = clip.shape[-2:]
+                pix = boxes * torch.tensor([W, H, W, H])
+                clip, pix, keep = transform_clip(clip, pix, **self.tf)
+                return dict(video=clip.permute(1, 0, 2, 3).contiguous(), boxes=pix, labels=labels[keep],
+                            scores=scores[keep], norm_boxes=boxes[keep], key=(vid, sec), index=index,
+                            failed='\n'.join(failed))
+        raise RuntimeError('10 clips in a row could not be read, e.g.\n' + '\n'.join(failed[:5]))
+
+
+def collate(items, multiple=16):
+    """Pad every clip to the batch's largest H, W rounded up to a multiple of the patch (official
+    BatchCollator), with the ImageNet mean colour, which is ~0 once normalised, as the official zero padding."""
+    H = -(-max(it['video'].shape[-2] for it in items) // multiple) * multiple
+    W = -(-max(it['video'].shape[-1] for it in items) // multiple) * multiple
+    video = torch.empty(len(items), 3, items[0]['video'].shape[1], H, W, dtype=torch.uint8)
+    video[:] = torch.tensor([round(255 * m) for m in data.IMAGENET_MEAN], dtype=torch.uint8).view(3, 1, 1, 1)
+    for i, it in enumerate(items):
+        video[i, :, :, :it['video'].shape[-2], :it['video'].shape[-1]] = it['video']
+    cat = lambda k: torch.cat([it[k] for it in items])
+    return dict(video=video, boxes=[it['boxes'] for it in items], labels=cat('labels'), scores=cat('scores'),
+                norm_boxes=cat('norm_boxes'), keys=[it['key'] for it in items],
+                index=torch.tensor([it['index'] for it in items]), failed=[it['failed'] for it in items])
+
+
+def make_loader(dataset, batch_size, *, train, num_workers, seed, multiple):
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, sampler=data.EpochSampler(dataset, shuffle=train, seed=seed),
+        num_workers=num_workers, collate_fn=functools.partial(collate, multiple=multiple), drop_last=train,
+        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# The head (SlowFast's AVA head as the official AD code has it) on the classifier's tokens.
+# ----------------------------------------------------------------------------------------------------
+class Detector(nn.Module):
+    """backbone: model.build_classifier(size, 80, use_mean_pooling=False): its forward_features ends with
+    the token LayerNorm (`norm`) and its `head` is the Linear(C, 80), so the weights keep the official AD
+    names (patch_embed, blocks, norm, head). forward(video normalised (B, 3, T, H, W), boxes: list of B
+    (n_b, 4) pixel xyxy) -> logits (sum n_b, 80)."""
+
+    def __init__(self, backbone, dropout=0.0):
+        super().__init__()
+        self.backbone, self.dropout = backbone, nn.Dropout(dropout)
+
+    def forward(self, video, boxes):
+        x = self.backbone.forward_features(video)                        # (B, N, C), tokens (t, h, w)
+        B, C, (T_, H_, W_) = x.shape[0], x.shape[-1], self.backbone.grid(video.shape)
+        x = x.view(B, T_, H_, W_, C).mean(1).permute(0, 3, 1, 2)         # (B, C, H', W'), stride = patch
+        r = roi_align(x.float(), [b.float() for b in boxes], output_size=7,
+                      spatial_scale=1.0 / self.backbone.patch_size, sampling_ratio=0, aligned=False)
+        r = r.amax(dim=(2, 3))                                           # MaxPool 7x7 -> (n_roi, C)
+        return self.backbone.head(self.dropout(r).to(x.dtype))
+
+
+def build_detector(cfg):
+    over = {k: cfg[k] for k in ('embed_dim', 'depth', 'num_heads', 'patch_size') if cfg.get(k) is not None}
+    kw = dict(over, img_size=cfg['input_size'], num_frames=cfg['num_frames'], drop_path_rate=cfg['drop_path'])
+    vit = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=False, **kw)
+    if cfg.get('finetune'):
+        try:
+            report = load_checkpoint(vit, cfg['finetune'])              # pre-trained: encoder.norm -> norm
+        except ValueError:
+            # A Kinetics-fine-tuned classifier has fc_norm (after mean pooling) and no token norm. The official
+            # AD code leaves fc_norm out and starts `norm` at 1/0: load it as a mean-pooling classifier, copy.
+            tmp = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=True, **kw)
+            report = load_checkpoint(tmp, cfg['finetune'])
+            vit.load_state_dict({k: v for k, v in tmp.state_dict().items() if not k.startswith('fc_norm.')},
+                                strict=False)
+            report['unexpected'] += ['fc_norm.weight', 'fc_norm.bias']
+            report['missing'] += ['norm.weight', 'norm.bias']
+            report['notes'].append('classifier checkpoint: fc_norm left out, the token LayerNorm starts at 1/0')
+        print(f"loaded {cfg['finetune']} ({report['source']}): missing {report['missing']}, "
+              f"unexpected {report['unexpected']}" + ''.join(f'\n  {n}' for n in report['notes']))
+    # Positions: the official AD model resizes the 224-pixel (T', 14, 14) sine table bicubically to the test
+    # grid (e.g. 16 x 28 at 256 x 455) instead of recomputing the flat-index table for the new grid. A fixed,
+    # unsaved pos_embed makes model.py resize it (identity at the training size).
+    del vit.pos_embed
+    vit.register_buffer('pos_embed', sincos_table(math.prod(vit.pos_grid), vit.embed_dim, 'cpu')[None],
+                        persistent=False)
+    return Detector(vit, cfg['head_dropout'])
+
+
+def detection_loss(logits, labels):
+    """Official: BCE mean over the 80 classes x number of RoIs (= sum over RoIs). Adam makes the scale moot."""
+    return F.binary_cross_entropy_with_logits(logits.float(), labels, reduction='sum') / NUM_ACTIONS
+
+
+# ----------------------------------------------------------------------------------------------------
+# Frame-level AP at IoU 0.5, as the AVA evaluation (the TF object-detection Pascal evaluator) computes it.
+# ----------------------------------------------------------------------------------------------------
+def average_precision(scores, is_tp, num_gt):
+    """VOC area under the precision-recall curve (all points): detections of one class over all keyframes
+    sorted by score, precision made monotone from the right, summed over the recall steps. NaN if no GT."""
+    if num_gt == 0:
+        return float('nan')
+    order = np.argsort(-np.asarray(scores, dtype=np.float64), kind='stable')
+    tp = np.asarray(is_tp, dtype=np.float64)[order]
+    ctp, cfp = np.cumsum(tp), np.cumsum(1 - tp)
+    precision = np.concatenate([[0], ctp / np.maximum(ctp + cfp, 1e-12), [0]])
+    recall = np.concatenate([[0], ctp / num_gt, [1]])
+    precision = np.maximum.accumulate(precision[::-1])[::-1]
+    steps = np.where(recall[1:] != recall[:-1])[0] + 1
+    return float(np.sum((recall[steps] - recall[steps - 1]) * precision[steps]))
+
+
+def frame_ap(gt, detections, class_ids, excluded=(), max_dets=0, iou_threshold=0.5):
+    """gt: {key: [(box, action_id), ...]}, detections: {key: [(box, action_id, score), ...]}, boxes
+    normalised xyxy. Keeps the classes in class_ids, leaves out the excluded keys; max_dets > 0 keeps the
+    top-scored max_dets detections per keyframe (ActivityNet tool), 0 keeps all (SlowFast / VideoMAE).
+    Per keyframe and class, detections by descending score take their highest-IoU GT box if IoU >= 0.5 and
+    it is still free, else they are false positives (duplicates included).
+    -> ({class_id: AP or NaN (no GT)}, {class_id: number of GT boxes})."""
+    classes = set(class_ids)
+    scores, tps, num_gt = defaultdict(list), defaultdict(list), defaultdict(int)
+    for key in set(gt) | set(detections):
+        if key in excluded:
+            continue
+        g = [(b, c) for b, c in gt.get(key, []) if c in classes]
+        d = [(b, c, s) for b, c, s in detections.get(key, []) if c in classes and b[2] > b[0] and b[3] > b[1]]
+        d.sort(key=lambda r: -r[2])                      # stable: ties keep the file order
+        if max_dets > 0:
+            d = d[:max_dets]
+        for _, c in g:
+            num_gt[c] += 1
+        if not d:
+            continue
+        # IoU once per keyframe between its distinct boxes (a box carries many classes)
+        gboxes, dboxes = sorted({b for b, _ in g}), sorted({b for b, _, _ in d})
+        gi, di = {b: i for i, b in enumerate(gboxes)}, {b: i for i, b in enumerate(dboxes)}
+        iou = box_iou(torch.tensor(dboxes, dtype=torch.float64), torch.tensor(gboxes, dtype=torch.float64).view(-1, 4))
+        gt_of = defaultdict(list)                        # class -> GT box indices (a box may repeat: 2 GT)
+        for b, c in g:
+            gt_of[c].append(gi[b])
+        taken = defaultdict(set)                         # class -> positions in gt_of[c] already matched
+        for b, c, s in d:
+            hit = False
+            if gt_of[c]:
+                ious = iou[di[b], gt_of[c]]
+                j = int(ious.argmax())
+                if ious[j] >= iou_threshold and j not in taken[c]:
+                    taken[c].add(j)
+                    hit = True
+            scores[c].append(s)
+            tps[c].append(hit)
+    return {c: average_precision(scores[c], tps[c], num_gt[c]) for c in class_ids}, {c: num_gt[c] for c in class_ids}
+
+
+def report_ap(ap, num_gt, names, max_dets, csv_path=None):
+    """Print per-class AP and the mean over the classes with ground truth; optionally write a CSV."""
+    rated = [c for c in ap if not math.isnan(ap[c])]
+    mAP = 100 * float(np.mean([ap[c] for c in rated])) if rated else float('nan')
+    mode = f'top {max_dets} detections per keyframe (ActivityNet tool)' if max_dets else \
+        'all detections kept (SlowFast / VideoMAE, the published variant)'
+    lines = [f'frame-level AP @ IoU 0.5, {mode}', f'  {"id":>3}  {"class":<40} {"GT":>6}  {"AP":>6}']
+    for c in sorted(ap):
+        val = 'n/a (no GT, not in the mean)' if math.isnan(ap[c]) else f'{100 * ap[c]:6.2f}'
+        lines.append(f'  {c:>3}  {names.get(c, "?")[:40]:<40} {num_gt[c]:>6}  {val}')
+    skipped = len(ap) - len(rated)
+    lines.append(f'mAP {mAP:.2f} over {len(rated)} classes' + (f' ({skipped} without GT skipped)' if skipped else ''))
+    print('\n'.join(lines))
+    if csv_path:
+        with open(csv_path, 'w', newline='') as f:
+            w = csv.writer(f)
+            w.writerow(['action_id', 'name', 'gt_boxes', 'ap'])
+            for c in sorted(ap):
+                w.writerow([c, names.get(c, ''), num_gt[c], '' if math.isnan(ap[c]) else f'{100 * ap[c]:.4f}'])
+    return mAP
+
+
+def gt_for_eval(boxes_by_key):
+    return {k: [(b, a) for b, (acts, _) in v.items() for a in acts] for k, v in boxes_by_key.items()}
+
+
+def write_submission(path, rows):
+    """AVA submission CSV: video_id,timestamp(4 digits),x1,y1,x2,y2,action_id,score (normalised boxes)."""
+    with open(path, 'w', newline='') as f:
+        w = csv.writer(f)
+        for (vid, sec), rs in sorted(rows.items()):
+            for b, c, s in rs:
+                w.writerow([vid, f'{sec:04d}', *(f'{v:.3f}' for v in b), c, f'{s:.5f}'])
+
+
+def read_submission(path):
+    """A detections CSV in the submission format -> {key: [(box, action_id, score), ...]}."""
+    out = defaultdict(list)
+    with open(path, newline='') as f:
+        for n, row in enumerate(csv.reader(f), 1):
+            if len(row) != 8:
+                raise SystemExit(f'error: {path}:{n}: a submission row has 8 columns, got {len(row)}: {row}')
+            out[make_key(row[0], row[1])].append((tuple(float(v) for v in row[2:6]), int(row[6]), float(row[7])))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------------
+# The synthetic AVA-layout set (the default run): people-like figures (a body with a head) standing,
+# walking (moving sideways), crouching or waving (an arm going up and down), drawn into 30-fps JPEG frames
+# in the SlowFast layout, with real CSV/pbtxt annotations and SlowFast-style detected boxes.
+# ----------------------------------------------------------------------------------------------------
+SYNTHETIC_NAMES = {1: 'bend/bow (at the waist)', 3: 'crouch/kneel', 12: 'stand', 14: 'walk', 69: 'hand wave'}
+SYNTHETIC_KINDS = [(12,), (14,), (3,), (12, 69)]     # id 1 never occurs: reported as "no GT", not in the mean
+
+
+def _movie(rng, seconds, H, W):
+    """-> frames uint8 (seconds*30+1, H, W, 3), people [(actions, boxes per frame (F, 4) normalised)]."""
+    n = seconds * AVA_FPS + 1
+    yy, xx = np.mgrid[0:H, 0:W]
+    c0, c1 = rng.integers(40, 200, 3), rng.integers(40, 200, 3)
+    bg = (c0 * (xx / W)[..., None] + c1 * (1 - xx / W)[..., None] + rng.normal(0, 8, (H, W, 3))).clip(0, 255)
+    frames = np.repeat(bg[None], n, 0)
+    people, slots = [], rng.permutation(4)[:rng.integers(2, 4)]
+    for slot in slots:
+        acts = SYNTHETIC_KINDS[rng.integers(len(SYNTHETIC_KINDS))]
+        bw, bh = (12, 18) if 3 in acts else (10, 30)
+        x, y = 4 + slot * (W - 8) / 4 + rng.uniform(0, (W - 8) / 4 - bw), H - bh - rng.uniform(2, 10)
+        vx, colour, phase = rng.choice([-1.0, 1.0]) * rng.uniform(0.8, 1.2), rng.integers(0, 256, 3), rng.uniform(0, 10)
+        boxes = np.zeros((n, 4))
+        for f in range(n):
+            if 14 in acts:                                       # walk: bounce between the frame edges
+                x += vx
+                if x < 1 or x + bw > W - 1:
+                    vx, x = -vx, min(max(x, 1), W - 1 - bw)
+            x0, y0 = int(round(x)), int(round(y))
+            head = max(bw // 2, 5)
+            frames[f, y0 + head:y0 + bh, x0:x0 + bw] = colour                      # body
+            frames[f, y0:y0 + head, x0 + (bw - head) // 2:x0 + (bw + head) // 2] = colour * 0.6 + 60  # head
+            left, right = x0, x0 + bw
+            if 69 in acts:                                       # wave: an arm up / down, period 10 frames
+                up = math.sin(2 * math.pi * (f + phase) / 10) > 0
+                ay = y0 - 6 if up else y0 + head
+                frames[f, max(ay, 0):ay + 8, x0 + bw:x0 + bw + 3] = colour
+                right = x0 + bw + 3
+            boxes[f] = (left / W, max(y0 - 6 if 69 in acts and up else y0, 0) / H, right / W, (y0 + bh) / H)
+        people.append((acts, boxes))
+    frames += rng.normal(0, 3, frames.shape)
+    return frames.clip(0, 255).astype(np.uint8), people
+
+
+def ensure_synthetic_ava(root=None, seed=0, num_train=12, num_val=4, seconds=6, size=(72, 96)):
+    """Path of the synthetic AVA-layout set, generated on first use (default $VIDEOMAE_CACHE/synthetic-ava-v1,
+    else ~/.cache/videomae/...). Keyframes at seconds 902..900+seconds-1. Written to a temporary folder
+    renamed into place, so concurrent ranks are safe."""
+    base = os.environ.get('VIDEOMAE_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'videomae')
+    root = os.path.abspath(root or os.path.join(base, f'synthetic-ava-v1-seed{seed}'))
+    params = dict(version=1, seed=seed, num_train=num_train, num_val=num_val, seconds=seconds, size=list(size))
+    marker = os.path.join(root, 'synthetic.json')
+    if os.path.isfile(marker):
+        with open(marker) as f:
+            if json.load(f) == params:
+                return root
+    rng = np.random.default_rng(seed)
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=os.path.dirname(root))
+    for d in ('annotations', 'frames', 'frame_lists'):
+        os.makedirs(os.path.join(tmp, d))
+    alphabet = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_'
+    ids = [''.join(rng.choice(list(alphabet), 11)) for _ in range(num_train + num_val)]
+    ids[0] = '-' + ids[0][1:]                                    # real AVA ids can start with '-'
+    keyframes = range(WINDOW_START + 2, WINDOW_START + seconds)
+    gt = {'train': [], 'val': []}
+    dets, lists = [], {'train': [], 'val': []}
+    for m, vid in enumerate(ids):
+        split = 'train' if m < num_train else 'val'
+        frames, people = _movie(rng, seconds, *size)
+        os.makedirs(os.path.join(tmp, 'frames', vid))
+        for f, jpg in enumerate(encode_jpeg(list(torch.from_numpy(frames).permute(0, 3, 1, 2)), quality=90)):
+            rel = f'{vid}/{vid}_{f + 1:06d}.jpg'
+            with open(os.path.join(tmp, 'frames', rel), 'wb') as fh:
+                fh.write(jpg.numpy().tobytes())
+            lists[split].append(f'{vid} {m} {f} {rel} ""')
+        for sec in keyframes:
+            f = (sec - WINDOW_START) * AVA_FPS
+            for pid, (acts, boxes) in enumerate(people):
+                b = boxes[f]
+                gt[split] += [f'{vid},{sec:04d},' + ','.join(f'{v:.3f}' for v in b) + f',{a},{pid}' for a in acts]
+                if split == 'val':                                 # the "detector": jittered boxes, high score
+                    jb = np.clip(b + rng.uniform(-0.01, 0.01, 4), 0, 1)
+                    dets.append(f'{vid},{sec:04d},' + ','.join(f'{v:.3f}' for v in jb) + f',,{rng.uniform(0.85, 1):.6f}')
+            if split == 'val':                                     # a low-score false box, cut by --det_thresh
+                dets.append(f'{vid},{sec:04d},0.010,0.010,0.200,0.300,,0.400000')
+    ann = os.path.join(tmp, 'annotations')
+    for split in ('train', 'val'):
+        with open(os.path.join(ann, f'ava_{split}_v2.2.csv'), 'w') as f:
+            f.write('\n'.join(gt[split]) + '\n')
+        with open(os.path.join(tmp, 'frame_lists', f'{split}.csv'), 'w') as f:
+            f.write('original_vido_id video_id frame_id path labels\n' + '\n'.join(lists[split]) + '\n')
+    with open(os.path.join(ann, 'ava_val_predicted_boxes.csv'), 'w') as f:
+        f.write('\n'.join(dets) + '\n')
+    with open(os.path.join(ann, 'ava_val_excluded_timestamps_v2.2.csv'), 'w') as f:
+        f.write(f'{ids[num_train]},{keyframes[0]:04d}\n')
+    with open(os.path.join(ann, 'ava_action_list_v2.2_for_activitynet_2019.pbtxt'), 'w') as f:
+        for i, name in SYNTHETIC_NAMES.items():
+            f.write(f'label {{\n  name: "{name}"\n  label_id: {i}\n  label_type: PERSON_MOVEMENT\n}}\n')
+    with open(os.path.join(tmp, 'synthetic.json'), 'w') as f:
+        json.dump(params, f)
+    if os.path.isdir(root):
+        shutil.rmtree(root, ignore_errors=True)
+    try:
+        os.rename(tmp, root)
+    except OSError:                                                # another rank got there first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return root
+
+
+# ----------------------------------------------------------------------------------------------------
+# Command line. Defaults are None: the recipe row (Table 12 by --model and --kinetics_finetuned, or the
+# synthetic row without --data_path) fills what is not given.
+# ----------------------------------------------------------------------------------------------------
+def get_args(argv=None):
+    R = RECIPES
+    h = lambda key, text: f'{text} ({utils.recipe_help(R, key) or "no recipe default"})'
+    p = argparse.ArgumentParser(description='VideoMAE action detection on AVA v2.2 (appendix § B, Table 12). '
+                                'Without --data_path: the synthetic AVA-layout set on CPU in minutes.')
+    g = p.add_argument_group('data (AVA v2.2 as downloaded; paths default to the files under --data_path)')
+    g.add_argument('--data_path', help='AVA root with annotations/, frames/ + frame_lists/ (SlowFast layout) or '
+                   'videos/; omitted: the synthetic AVA-layout set, generated into the cache on first use')
+    g.add_argument('--frames', help='frame root frames/<id>/<id>_000001.jpg (default <data_path>/frames if it exists)')
+    g.add_argument('--videos', help='video folder <id>.mp4/.mkv/.webm decoded with PyAV (default <data_path>/videos)')
+    g.add_argument('--video_start', type=float, default=0.0, help='second of the movie at which the video files '
+                   'start: 0 for the movies as downloaded, 900 for 15-minute cuts (default 0)')
+    g.add_argument('--train_csv', help='GT (default annotations/ava_train_v2.2.csv)')
+    g.add_argument('--val_csv', help='GT (default annotations/ava_val_v2.2.csv)')
+    g.add_argument('--label_map', help='evaluated classes (default annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt)')
+    g.add_argument('--exclusions', help='keyframes left out of evaluation (default '
+                   'annotations/ava_val_excluded_timestamps_v2.2.csv if present)')
+    g.add_argument('--val_boxes', help='detected person boxes: AIA JSON (boxes/ava_val_det_person_bbox.json) or '
+                   'SlowFast CSV (annotations/ava_val_predicted_boxes.csv); default: the first that exists')
+    g.add_argument('--det_images', help='COCO-style ava_val_v2.2_min.json giving the image ids of the AIA JSON '
+                   '(default annotations/ava_val_v2.2_min.json)')
+    g.add_argument('--det_thresh', type=float, help=h('det_thresh', 'keep detected boxes with score >= this'))
+    g = p.add_argument_group('model')
+    g.add_argument('--model', choices=['small', 'base', 'large', 'huge'], help=h('model', 'ViT size (default base on AVA)'))
+    g.add_argument('--kinetics_finetuned', action='store_true', help='the backbone was fine-tuned on Kinetics-400 '
+                   'after pre-training: selects the right column of Table 12')
+    g.add_argument('--finetune', help='initial weights: a pre-trained or Kinetics-fine-tuned checkpoint (ours or '
+                   'official), or an AVA detection checkpoint with --eval')
+    for k in ('embed_dim', 'depth', 'num_heads', 'patch_size'):
+        g.add_argument(f'--{k}', type=int, help=h(k, f'{k} override of the ViT size'))
+    g.add_argument('--drop_path', type=float, help=h('drop_path', 'stochastic depth rate'))
+    g.add_argument('--head_dropout', type=float, help=h('head_dropout', 'dropout before the head'))
+    g = p.add_argument_group('clips')
+    g.add_argument('--num_frames', type=int, help=h('num_frames', 'frames per clip'))
+    g.add_argument('--sampling_rate', type=int, help=h('sampling_rate', 'frame stride around the keyframe'))
+    g.add_argument('--input_size', type=int, help=h('input_size', 'training crop'))
+    g.add_argument('--short_side', type=int, help=h('short_side', 'short side of the frames (train and test)'))
+    g.add_argument('--flip', action=argparse.BooleanOptionalAction, help=h('flip', 'random horizontal flip'))
+    g = p.add_argument_group('optimisation')
+    g.add_argument('--lr', type=float, help=h('lr', 'base lr; the lr is lr x total_batch / 256'))
+    g.add_argument('--min_lr', type=float, help=h('min_lr', 'final base lr of the cosine'))
+    g.add_argument('--epochs', type=int, help=h('epochs', 'training epochs'))
+    g.add_argument('--warmup_epochs', type=int, help=h('warmup_epochs', 'linear warm-up epochs'))
+    g.add_argument('--weight_decay', type=float, help=h('weight_decay', 'AdamW weight decay'))
+    g.add_argument('--betas', type=float, nargs=2, help=h('betas', 'AdamW betas'))
+    g.add_argument('--layer_decay', type=float, help=h('layer_decay', 'layer-wise lr decay'))
+    g.add_argument('--total_batch', type=int, help=h('total_batch', 'clips per optimizer step over all GPUs'))
+    g.add_argument('--batch_size', type=int, help=h('batch_size', 'clips per GPU per step (gradient accumulation '
+                   'makes up the total batch)'))
+    g = p.add_argument_group('run')
+    g.add_argument('--num_workers', type=int, help=h('num_workers', 'data loading processes per GPU'))
+    g.add_argument('--device', default='auto', help='auto, cpu or cuda (default auto)')
+    g.add_argument('--precision', default='auto', help='auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16')
+    g.add_argument('--output_dir', help='checkpoints, log.jsonl, detections (default output/detect_<recipe>)')
+    g.add_argument('--resume', default='auto', help="'auto' (latest checkpoint in --output_dir), a path, or '' ")
+    g.add_argument('--eval', action='store_true', help='only evaluate (weights: --resume or --finetune)')
+    g.add_argument('--eval_detections', help='only score this detections CSV (AVA submission format)')
+    g.add_argument('--eval_every', type=int, default=0, help='also evaluate every N epochs (default 0: at the end)')
+    g.add_argument('--max_dets', type=int, default=0, help='detections kept per keyframe for the AP: 0 = all '
+                   '(SlowFast / VideoMAE, the published numbers; default), 50 = the ActivityNet tool')
+    g.add_argument('--seed', type=int, default=0, help='(default 0)')
+    return p.parse_args(argv)
+
+
+def ava_files(cfg):
+    """Fill the data paths of cfg from --data_path; a missing required file is an error naming it."""
+    root = cfg['data_path']
+    ann = lambda name: os.path.join(root, 'annotations', name)
+
+    def need(flag, default):
+        path = cfg[flag] or default
+        if not os.path.isfile(path):
+            raise SystemExit(f'error: --{flag}: {path} does not exist')
+        cfg[flag] = path
+
+    need('train_csv', ann('ava_train_v2.2.csv'))
+    need('val_csv', ann('ava_val_v2.2.csv'))
+    need('label_map', ann('ava_action_list_v2.2_for_activitynet_2019.pbtxt'))
+    if cfg['exclusions'] or os.path.isfile(ann('ava_val_excluded_timestamps_v2.2.csv')):
+        need('exclusions', ann('ava_val_excluded_timestamps_v2.2.csv'))
+    boxes = [os.path.join(root, 'boxes', 'ava_val_det_person_bbox.json'), ann('ava_val_predicted_boxes.csv'),
+             ann('person_box_67091280_iou90/ava_detection_val_boxes_and_labels.csv')]
+    need('val_boxes', next((b for b in boxes if os.path.isfile(b)), boxes[0]))
+    cfg['det_images'] = cfg['det_images'] or ann('ava_val_v2.2_min.json')
+    if not cfg['frames'] and not cfg['videos']:
+        cfg['frames' if os.path.isdir(os.path.join(root, 'frames')) else 'videos'] = \
+            os.path.join(root, 'frames' if os.path.isdir(os.path.join(root, 'frames')) else 'videos')
+    folder = cfg['frames'] or cfg['videos']
+    if not os.path.isdir(folder):
+        raise SystemExit(f"error: {folder} does not exist: pass --frames (SlowFast JPEG layout) or --videos")
+    return cfg
+
+
+def frame_source(cfg):
+    if cfg['frames']:
+        lists = [os.path.join(cfg['data_path'] or '', 'frame_lists', f'{s}.csv') for s in ('train', 'val')]
+        return FrameFolder(cfg['frames'], [fl for fl in lists if os.path.isfile(fl)])
+    return VideoFolder(cfg['videos'], cfg['video_start'])
+
+
+# ----------------------------------------------------------------------------------------------------
+# Training and evaluation loops.
+# ----------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def predict(detector, loader, device, autocast, progress=True):
+    """Every keyframe's boxes through the model -> {key: [(box normalised, action_id, score), ...]}, merged
+    over ranks. Score = sigmoid(logit) x detector score (official). Rank 0 gets the merge, others None."""
+    detector.eval()
+    out, failures = {}, data.FailureLog(max_ratio=1.0)
+    for batch in tqdm(loader, desc='eval', disable=not progress, leave=False, dynamic_ncols=True):
+        failures.update(batch['failed'])
+        video = data.normalize(batch['video'].to(device, non_blocking=True))
+        with autocast():
+            logits = detector(video, [b.to(device) for b in batch['boxes']])
+        probs = (logits.float().sigmoid().cpu() * batch['scores'][:, None]).split([len(b) for b in batch['boxes']])
+        boxes = batch['norm_boxes'].split([len(b) for b in batch['boxes']])
+        for i, key, bx, pr in zip(batch['index'].tolist(), batch['keys'], boxes, probs):
+            out[i] = (key, bx.tolist(), pr)           # padding duplicates of the sampler share the index
+    if dist.is_available() and dist.is_initialized():
+        parts = [None] * dist.get_world_size()
+        dist.all_gather_object(parts, out)
+        out = {i: v for part in parts for i, v in part.items()}
+        if dist.get_rank() != 0:
+            return None
+    failures.end_epoch(len(out))
+    rows = defaultdict(list)
+    for key, bx, pr in out.values():
+        for b, p in zip(bx, pr.tolist()):
+            rows[key] += [(tuple(b), c + 1, s) for c, s in enumerate(p)]
+    return rows
+
+
+def evaluate(detector, loader, cfg, names, val_gt, excluded, device, autocast, tag):
+    rows = predict(detector, loader, device, autocast)
+    if rows is None:
+        return None
+    rows = {k: [r for r in v if r[1] in names] for k, v in rows.items()}     # the evaluated classes only
+    path = os.path.join(cfg['output_dir'], f'detections_{tag}.csv')
+    write_submission(path, rows)
+    print(f'detections written to {path} (AVA submission format)')
+    ap, num_gt = frame_ap(gt_for_eval(val_gt), rows, sorted(names), excluded, cfg['max_dets'])
+    return report_ap(ap, num_gt, names, cfg['max_dets'], os.path.join(cfg['output_dir'], f'ap_{tag}.csv'))
+
+
+def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
+    device, bs = d.device, cfg['batch_size']
+    autocast, scaler, prec = utils.amp_setup(device, cfg['precision'])
+    accum = utils.accumulation_steps(cfg['total_batch'], bs, d.world_size)
+    loader = make_loader(train_set, bs, train=True, num_workers=cfg['num_workers'], seed=cfg['seed'],
+                         multiple=detector.backbone.patch_size)
+    steps_per_epoch = len(loader.sampler) // bs // accum
+    if steps_per_epoch == 0:
+        raise SystemExit(f'error: {len(train_set)} training keyframes cannot fill one step of --total_batch '
+                         f"{cfg['total_batch']}; lower --total_batch")
+    scale = cfg['total_batch'] / 256                               # linear lr scaling (appendix § B)
+    lr, min_lr = cfg['lr'] * scale, cfg['min_lr'] * scale
+    total, warmup = cfg['epochs'] * steps_per_epoch, cfg['warmup_epochs'] * steps_per_epoch
+    vit = detector.backbone                                        # official names for groups and checkpoints
+    groups = utils.param_groups(vit, cfg['weight_decay'], cfg['layer_decay'], depth=len(vit.blocks))
+    opt = utils.make_adamw(groups, lr, cfg['betas'], device)
+    start_epoch, start_step = 0, 0
+    resume = utils.resolve_resume(cfg['resume'], cfg['output_dir'])
+    if resume:
+        state = utils.resume_training(resume, 'detect', vit, opt, scaler, d.rank)
+        start_epoch, start_step = state['epoch'], state['step_in_epoch']
+        print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
+    net = detector
+    if d.world_size > 1:
+        net = nn.parallel.DistributedDataParallel(detector, device_ids=[d.local_rank] if device.type == 'cuda' else None)
+    if d.is_main:
+        print(f'{len(train_set)} training keyframes, {steps_per_epoch} steps/epoch x {accum} accumulation, '
+              f'lr {lr:.3g}, precision {prec}')
+    log, pre = utils.JsonlLog(os.path.join(cfg['output_dir'], 'log.jsonl'), d.is_main), utils.Preemption()
+
+    def save(epoch, step):
+        state = utils.training_state('detect', vit, cfg, epoch, step, opt, scaler, sorted(names))
+        if d.is_main:
+            utils.save_checkpoint(os.path.join(cfg['output_dir'], utils.checkpoint_name(epoch, step)), state)
+            old = os.path.join(cfg['output_dir'], utils.checkpoint_name(epoch - 1))
+            if epoch > 1 and step == 0 and (epoch - 1) % 10 and os.path.isfile(old):
+                os.remove(old)                                     # keep every 10th epoch and the latest
+
+    for epoch in range(start_epoch, cfg['epochs']):
+        step = start_step if epoch == start_epoch else 0
+        loader.sampler.set_epoch(epoch, skip=step * accum * bs)
+        net.train()
+        failures, micro, t0 = data.FailureLog(), 0, time.time()
+        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg["epochs"]}', disable=not d.is_main, dynamic_ncols=True,
+                   total=(steps_per_epoch - step) * accum)
+        for batch in bar:
+            if step >= steps_per_epoch:                            # leftovers that cannot fill a step
+                break
+            failures.update(batch['failed'])
+            if micro == 0:
+                utils.set_lr(opt, utils.cosine_schedule(epoch * steps_per_epoch + step, total, warmup, lr, min_lr))
+            video = data.normalize(batch['video'].to(device, non_blocking=True))
+            boxes = [b.to(device, non_blocking=True) for b in batch['boxes']]
+            sync = micro == accum - 1
+            with (net.no_sync() if d.world_size > 1 and not sync else nullcontext()):
+                with autocast():
+                    loss = detection_loss(net(video, boxes), batch['labels'].to(device)) / accum
+                (scaler.scale(loss) if scaler else loss).backward()
+            micro += 1
+            if not sync:
+                continue
+            if scaler:
+                scaler.step(opt)
+                scaler.update()
+            else:
+                opt.step()
+            opt.zero_grad(set_to_none=True)
+            micro, step = 0, step + 1
+            value = utils.all_reduce_mean(loss.item() * accum, device)
+            utils.check_finite(value, epoch * steps_per_epoch + step, cfg['output_dir'])
+            bar.set_postfix(loss=f'{value:.4f}', lr=f"{opt.param_groups[-1]['lr']:.2e}")
+            log.write(epoch=epoch, step=step, loss=value, lr=opt.param_groups[-1]['lr'])
+            if pre.should_stop(device):
+                save(epoch, step)
+                print(f'stopped by {pre.requested or "another rank"}; resume with the same command')
+                return False
+        failures.end_epoch(steps_per_epoch * accum * bs)
+        save(epoch + 1, 0)
+        if d.is_main:
+            print(f'epoch {epoch + 1}: {time.time() - t0:.0f} s')
+        if cfg['eval_every'] and (epoch + 1) % cfg['eval_every'] == 0 and epoch + 1 < cfg['epochs']:
+            m = evaluate(detector, val_loader, cfg, names, val_gt, excluded, device, autocast, f'epoch{epoch + 1}')
+            log.write(epoch=epoch + 1, mAP=m)
+    return True
+
+
+def main(argv=None):
+    args = get_args(argv)
+    dataset = 'synthetic' if args.data_path is None else 'ava'
+    key = recipe_key(dataset, args.model or 'base', args.kinetics_finetuned)
+    cfg = utils.resolve_config(args, RECIPES[key])
+    cfg.update(dataset=dataset, recipe=key, betas=list(cfg['betas']))
+    cfg['output_dir'] = cfg['output_dir'] or os.path.join('output', f'detect_{key}')
+    if dataset == 'synthetic':
+        cfg['data_path'] = ensure_synthetic_ava()
+    ava_files(cfg)
+    d = utils.init_distributed(cfg['device'])
+    utils.seed_everything(cfg['seed'] + d.rank)
+    if d.is_main:
+        os.makedirs(cfg['output_dir'], exist_ok=True)
+        print(f'recipe {key} (Table 12' + (', synthetic row' if dataset == 'synthetic' else '') + ')\n'
+              + utils.format_config(cfg))
+        with open(os.path.join(cfg['output_dir'], 'config.json'), 'w') as f:
+            json.dump(cfg, f, indent=1)
+    names = read_label_map(cfg['label_map'])
+    excluded = read_excluded(cfg['exclusions'])
+    val_gt = read_ava_csv(cfg['val_csv'])
+    if cfg['eval_detections']:                                     # score a detections file, nothing else
+        if d.is_main:
+            ap, num_gt = frame_ap(gt_for_eval(val_gt), read_submission(cfg['eval_detections']), sorted(names),
+                                  excluded, cfg['max_dets'])
+            report_ap(ap, num_gt, names, cfg['max_dets'])
+        return
+    vb = cfg['val_boxes']
+    val_boxes = read_aia_json(vb, cfg['det_images']) if vb.endswith('.json') else read_ava_csv(vb, detections=True)
+    source = frame_source(cfg)
+    clips = dict(num_frames=cfg['num_frames'], sampling_rate=cfg['sampling_rate'], input_size=cfg['input_size'],
+                 short_side=cfg['short_side'], seed=cfg['seed'])
+    val_set = AVAClips(entries_from(val_boxes, cfg['det_thresh'], skip=excluded), source, train=False, flip=False, **clips)
+    detector = build_detector(cfg).to(d.device)
+    val_loader = make_loader(val_set, cfg['batch_size'], train=False, num_workers=cfg['num_workers'],
+                             seed=cfg['seed'], multiple=detector.backbone.patch_size)
+    autocast = utils.amp_setup(d.device, cfg['precision'])[0]
+    done = True
+    if cfg['eval']:
+        resume = utils.resolve_resume(cfg['resume'], cfg['output_dir'])
+        if resume:
+            detector.backbone.load_state_dict(utils.load_state(resume)['model'])
+            print(f'evaluating {resume}')
+        elif not cfg['finetune']:
+            raise SystemExit('error: --eval needs weights: --resume CHECKPOINT or --finetune CHECKPOINT')
+    else:
+        train_set = AVAClips(entries_from(read_ava_csv(cfg['train_csv'])), source, train=True, flip=cfg['flip'], **clips)
+        done = train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d)
+    if done:
+        mAP = evaluate(detector, val_loader, cfg, names, val_gt, excluded, d.device, autocast, 'val')
+        if d.is_main:
+            utils.JsonlLog(os.path.join(cfg['output_dir'], 'log.jsonl')).write(final=True, mAP=mAP)
+    utils.cleanup_distributed()
+
+
+if __name__ == '__main__':
+    main()
