@@ -474,7 +474,11 @@ def resume_training(path, stage, model, optimizer, scaler, rank=0):
     if state.get('stage') != stage:
         raise SystemExit(f"error: --resume {path} is a {state.get('stage')!r} checkpoint, not a {stage!r} one; "
                          f"to start {stage} from it pass it as the initial weights and a fresh --output_dir")
-    model.load_state_dict(state['model'])
+    try:
+        model.load_state_dict(state['model'])
+    except RuntimeError as e:
+        raise SystemExit(f'error: --resume {path} does not fit the model these flags build (a different size or '
+                         f'shape flag?): {str(e)[:500]}') from None
     optimizer.load_state_dict(state['optimizer'])
     if scaler is not None and state.get('scaler'):
         scaler.load_state_dict(state['scaler'])
