@@ -167,6 +167,7 @@ def resolve(args):
                 setattr(args, k, config[k])
     if args.resume not in ('auto', ''):            # resuming or evaluating: the run's own configuration
         unset(utils.checkpoint_meta(args.resume)['config'], [k for k in vars(args) if k != 'output_dir'])
+        args.output_dir = args.output_dir or os.path.dirname(os.path.abspath(args.resume))
     if args.finetune:                              # ours: its size and shape (pre-training: model_kwargs); official: {}
         pre = utils.checkpoint_meta(args.finetune)['config']   # pretrain.py names the size 'model'
         unset({'size': pre.get('model'), **pre, **pre.get('model_kwargs', {})}, ('size',) + ARCH)
@@ -180,6 +181,10 @@ def resolve(args):
     if cfg['output_dir'] is None:
         size = '' if cfg['dataset'] == 'synthetic' else f"-{cfg['size']}"
         cfg['output_dir'] = f"runs/finetune-{cfg['dataset']}{size}{'' if cfg['finetune'] else '-scratch'}"
+    found = utils.latest_checkpoint(cfg['output_dir']) if args.resume == 'auto' else None
+    if found:                                      # --resume auto found one: resolve again with its config
+        args.resume = found
+        return resolve(args)
     cfg['randaug'] = tuple(cfg['randaug']) if cfg['randaug'] and cfg['randaug'][0] > 0 else None
     cfg['betas'] = tuple(cfg['betas'])
     return cfg
