@@ -545,10 +545,10 @@ def _load_hmdb51(root, split, fold):
         os.path.abspath(root)))], 'HMDB51 split folder testTrainMulti_7030_splits/',
         'Unpack test_train_splits.rar into the dataset folder.')
     suffix = f'_test_split{fold}.txt'
-    files = sorted(f for f in os.listdir(lists) if f.endswith(suffix))
-    if not files:
-        raise FileNotFoundError(f'no *{suffix} in {lists} (fold must be 1, 2 or 3)')
-    classes = [f[:-len(suffix)] for f in files]
+    classes = sorted(f[:-len(suffix)] for f in os.listdir(lists) if f.endswith(suffix))  # sorted names
+    if not classes:
+        raise FileNotFoundError(f'no <class>_test_split{fold}.txt in {lists} (fold must be 1, 2 or 3)')
+    files = [c + suffix for c in classes]
     vids = next((c for c in (root, os.path.join(root, 'hmdb51_org'), os.path.join(root, 'videos'))
                  if os.path.isdir(os.path.join(c, classes[0]))), root)
     tag = '1' if split == 'train' else '2'
@@ -625,7 +625,9 @@ def _load_ssv2(root, split):
                                'into <data_path>/labels/.')
     with open(ann(['labels.json', 'something-something-v2-labels.json'])) as f:
         label_map = {k: int(v) for k, v in json.load(f).items()}
-    classes = [k for k, _ in sorted(label_map.items(), key=lambda kv: kv[1])]
+    classes = [f'<unused {i}>' for i in range(max(label_map.values()) + 1)]
+    for name, i in label_map.items():
+        classes[i] = name
     files = ['train.json', 'something-something-v2-train.json'] if split == 'train' else \
         ['validation.json', 'something-something-v2-validation.json']
     ann_file = ann(files)
@@ -656,7 +658,7 @@ def _load_list(path, split):
                                f'list file {split}.csv', 'Lines are "<video path> <integer label>".')
     samples = []
     for n, ln in enumerate(_lines(path), 1):
-        parts = ln.rsplit(' ', 1)
+        parts = ln.rsplit(None, 1)  # lenient: the official readers need exactly one space
         if len(parts) != 2 or not parts[1].lstrip('-').isdigit():
             raise ValueError(f'{path}:{n}: expected "<video path> <integer label>", got {ln!r}')
         p = parts[0].strip()

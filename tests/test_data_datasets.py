@@ -1,0 +1,158 @@
+"""load_split reads each dataset in the layout users download (tiny real videos, real annotation syntax)."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import data
+
+
+def clip(path, frames=20, h=32, w=32, seed=0):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    rng = np.random.default_rng(seed)
+    data.encode_video(str(path), rng.integers(0, 255, (frames, h, w, 3), dtype=np.uint8), fps=25, gop=12)
+
+
+def write(path, text):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, 'w', newline='') as f:
+        f.write(text)
+
+
+@pytest.fixture
+def ucf(tmp_path):
+    classes = {1: 'ApplyEyeMakeup', 35: 'Hammering', 36: 'HammerThrow', 37: 'HandstandPushups', 101: 'YoYo'}
+    write(tmp_path / 'ucfTrainTestlist/classInd.txt', ''.join(f'{i} {c}\r\n' for i, c in classes.items()))
+    train, test = [], []
+    for i, c in classes.items():
+        fname = c.replace('Handstand', 'HandStand')  # the real file names say HandStandPushups
+        for g, lst in ((8, train), (1, test)):
+            rel = f'{c}/v_{fname}_g{g:02d}_c01.avi'
+            clip(tmp_path / 'UCF-101' / rel)
+            lst.append(f'{rel} {i}' if lst is train else rel)
+    # a mirror that renamed the file: the list says HandStand, the disk says Handstand
+    os.rename(tmp_path / 'UCF-101/HandstandPushups/v_HandStandPushups_g01_c01.avi',
+              tmp_path / 'UCF-101/HandstandPushups/v_HandstandPushups_g01_c01.avi')
+    write(tmp_path / 'ucfTrainTestlist/trainlist01.txt', '\r\n'.join(train) + '\r\n')
+    write(tmp_path / 'ucfTrainTestlist/testlist01.txt', '\n'.join(test) + '\n\n')
+    return tmp_path
+
+
+def test_ucf101_labels_come_from_classind_not_sorted_folders(ucf):
+    samples, classes = data.load_split('ucf101', str(ucf), 'train')
+    assert classes == ['ApplyEyeMakeup', 'Hammering', 'HammerThrow', 'HandstandPushups', 'YoYo']
+    labels = {os.path.basename(p): y for p, y in samples}
+    assert labels['v_Hammering_g08_c01.avi'] == 1 and labels['v_HammerThrow_g08_c01.avi'] == 2
+    test, _ = data.load_split('ucf101', str(ucf), 'test')
+    assert len(test) == 5 and all(os.path.isfile(p) for p, _ in test)  # incl. the case-insensitive match
+    assert data.load_split('ucf101', str(ucf / 'UCF-101'), 'val')[0] == test  # data_path = UCF-101 itself
+    assert data.decode_frames(samples[0][0], [0, 19]).shape == (2, 32, 32, 3)
+
+
+def test_ucf101_errors_name_the_missing_file(ucf, tmp_path):
+    with pytest.raises(FileNotFoundError, match='trainlist02.txt'):
+        data.load_split('ucf101', str(ucf), 'train', fold=2)
+    with pytest.raises(FileNotFoundError, match='does not exist'):
+        data.load_split('ucf101', str(tmp_path / 'nowhere'), 'train')
+    os.remove(ucf / 'ucfTrainTestlist/classInd.txt')
+    with pytest.raises(FileNotFoundError, match='classInd.txt'):
+        data.load_split('ucf101', str(ucf), 'train')
+    with pytest.raises(ValueError, match="split must be"):
+        data.load_split('ucf101', str(ucf), 'training')
+    with pytest.raises(ValueError, match="unknown dataset"):
+        data.load_split('ucf-101', str(ucf), 'train')
+
+
+def test_ucf101_unknown_class_in_split_file(ucf):
+    with open(ucf / 'ucfTrainTestlist/trainlist01.txt', 'a') as f:
+        f.write('Juggling/v_Juggling_g08_c01.avi 50\n')
+    with pytest.raises(ValueError, match="'Juggling'"):
+        data.load_split('ucf101', str(ucf), 'train')
+
+
+def test_hmdb51_split_tags(tmp_path):
+    names = {'climb': ['(Rad)Schlag_die_Bank!_climb_f_cm_np1_le_med_0.avi', 'b_climb_u_nm_np1_ba_goo_0.avi',
+                       'c_climb_u_nm_np1_ba_goo_1.avi'],
+             'climb_stairs': ['x_climb_stairs_f_nm_np1_fr_med_0.avi', 'y_climb_stairs_f_nm_np1_fr_med_1.avi',
+                              'z_climb_stairs_f_nm_np1_fr_med_2.avi']}
+    for c, files in names.items():
+        for f in files:
+            clip(tmp_path / c / f, w=40)
+        write(tmp_path / f'testTrainMulti_7030_splits/{c}_test_split1.txt',
+              ''.join(f'{f} {t} \n' for f, t in zip(files, (1, 2, 0))))
+    train, classes = data.load_split('hmdb51', str(tmp_path), 'train')
+    test, _ = data.load_split('hmdb51', str(tmp_path), 'test')
+    assert classes == ['climb', 'climb_stairs']
+    assert [(os.path.basename(p), y) for p, y in train] == [(names['climb'][0], 0), (names['climb_stairs'][0], 1)]
+    assert [os.path.basename(p) for p, _ in test] == [names['climb'][1], names['climb_stairs'][1]]
+    with pytest.raises(FileNotFoundError, match='_test_split2.txt'):
+        data.load_split('hmdb51', str(tmp_path), 'train', fold=2)
+
+
+@pytest.mark.parametrize('layout', ['flat', 'classes'])
+def test_k400_csv_and_clip_layouts(tmp_path, layout):
+    rows = [('abseiling', '--33Lscn6sk', 4, 14), ('passing American football (in game)', 'aaaaaaaaaaa', 0, 10),
+            ("massaging person's head", 'bbbbbbbbbbb', 20, 30), ('abseiling', 'ccccccccccc', 1, 11),
+            ('zumba', 'ddddddddddd', 3, 13)]
+    csv_text = 'label,youtube_id,time_start,time_end,split,is_cc\n' + ''.join(
+        f'"{l}",{y},{a},{b},train,0\n' if ' ' in l else f'{l},{y},{a},{b},train,0\n' for l, y, a, b in rows)
+    write(tmp_path / 'annotations/train.csv', csv_text)
+    write(tmp_path / 'annotations/validate.csv', 'abseiling,--33Lscn6sk,4,14\n')  # 4 columns, no header
+    exts = ['.mp4', '.mkv', '.webm', '.mp4']
+    for (label, yid, a, b), ext in zip(rows[:4], exts):  # zumba's clip is missing
+        name = f'{yid}_{a:06d}_{b:06d}{ext}' if ext != '.mkv' else f'{yid}{ext}'  # one named by youtube id only
+        sub = label.replace(' ', '_') if layout == 'classes' else ''
+        clip(tmp_path / 'train' / sub / name)
+        if yid == '--33Lscn6sk':
+            clip(tmp_path / 'val' / sub / name)
+    with pytest.warns(UserWarning, match='1 of 5 clips'):
+        samples, classes = data.load_split('k400', str(tmp_path), 'train')
+    assert classes == sorted({r[0] for r in rows})
+    assert sorted(y for _, y in samples) == [0, 0, 1, 2]  # abseiling x2, massaging, passing
+    assert all(data.decode_frames(p, [0, 10]).shape == (2, 32, 32, 3) for p, _ in samples)
+    val, _ = data.load_split('k400', str(tmp_path), 'val')
+    assert [y for _, y in val] == [0]
+    write(tmp_path / 'annotations/validate.csv', 'jumping,--33Lscn6sk,4,14\n')
+    with pytest.raises(ValueError, match="'jumping'"):
+        data.load_split('k400', str(tmp_path), 'val')
+
+
+def test_ssv2_templates_to_labels(tmp_path):
+    labels = {'Holding something next to something': '19', 'Something falling like a feather or paper': '10',
+              'Putting something, something and something on the table': '2'}
+    write(tmp_path / 'labels/labels.json', json.dumps(labels))
+    entries = [{'id': '78687', 'label': 'holding potato next to vicks', 'template': 'Holding [something] next to [something]',
+                'placeholders': ['potato', 'vicks']},
+               {'id': '36585', 'label': 'plastic falling', 'template': '[Something] falling like a feather or paper',
+                'placeholders': ['plastic']},
+               {'id': '5', 'label': 'x', 'template': 'Putting [something], [something] and [something] on the table',
+                'placeholders': ['a', 'b', 'c']}]
+    write(tmp_path / 'labels/train.json', json.dumps(entries))
+    write(tmp_path / 'labels/validation.json', json.dumps(entries[:1]))
+    for e in entries:
+        clip(tmp_path / f'20bn-something-something-v2/{e["id"]}.webm')
+    samples, classes = data.load_split('ssv2', str(tmp_path), 'train')
+    assert [y for _, y in samples] == [19, 10, 2] and classes[19] == 'Holding something next to something'
+    assert data.load_split('ssv2', str(tmp_path), 'val')[0] == samples[:1]
+    assert data.decode_frames(samples[0][0], [0, 19]).shape == (2, 32, 32, 3)  # WebM: no frame count in header
+    entries[0]['template'] = 'Holding [something] near [something]'
+    write(tmp_path / 'labels/train.json', json.dumps(entries))
+    with pytest.raises(ValueError, match='near'):
+        data.load_split('ssv2', str(tmp_path), 'train')
+
+
+def test_official_list_files(tmp_path):
+    clip(tmp_path / 'videos/a.mp4')
+    clip(tmp_path / 'videos/b.avi')
+    write(tmp_path / 'lists/train.csv', f'{tmp_path}/videos/a.mp4 0\n../videos/b.avi 3\n')
+    samples, classes = data.load_split('list', str(tmp_path / 'lists'), 'train')
+    assert samples == [(f'{tmp_path}/videos/a.mp4', 0), (str(tmp_path / 'lists/../videos/b.avi'), 3)]
+    assert len(classes) == 4
+    assert data.load_split('list', str(tmp_path / 'lists/train.csv'), 'train')[0] == samples
+    write(tmp_path / 'lists/val.csv', f'{tmp_path}/videos/a.mp4  0\n{tmp_path}/videos/b.avi\n')
+    with pytest.raises(ValueError, match=r'val.csv:2'):
+        data.load_split('list', str(tmp_path / 'lists'), 'val')
+    write(tmp_path / 'lists/test.csv', '')
+    with pytest.raises(ValueError, match='empty'):
+        data.load_split('list', str(tmp_path / 'lists'), 'test')
