@@ -344,9 +344,9 @@ def train(cfg, dist_info):
             clips_s = cfg['total_batch'] / dt
             log.write(kind='step', epoch=epoch, step=step, it=it, loss=loss_value, lr=lr, grad_norm=gnorm,
                       clips_per_s=round(clips_s, 2), step_s=round(dt, 4), data_wait_s=round(wait, 4))
-            bar.update(1)
             bar.set_postfix_str(f'ep {epoch + 1}/{cfg["epochs"]} loss {loss_value:.4f} lr {lr:.2e} {clips_s:.1f} clips/s',
                                 refresh=False)
+            bar.update(1)
             if step + 1 < steps_per_epoch and preempt.should_stop(device):   # pre-empted mid-epoch
                 path = save(cfg, raw, optimizer, scaler, epoch, step + 1, classes, dist_info)
                 bar.close()
@@ -385,7 +385,7 @@ def train(cfg, dist_info):
 GLYPHS = {c: g for c, g in zip('0123456789%.ACEGIKLMNORS ', (
     '111101101101111 010110010010111 111001111100111 111001111001111 101101111001001 111100111001111 '
     '111100111101111 111001001001001 111101111101111 111101111001111 101001010100101 000000000000010 '
-    '010101111101101 011100100100011 111100110100111 011100101101011 111010010010111 101101110101101 '
+    '010101111101101 011100100100011 111100110100111 011100101101011 111010010010111 101110100110101 '
     '100100100100111 101111111101101 110101101101101 010101101101010 110101110101101 011100010001110 '
     '000000000000000').split())}
 
