@@ -17,7 +17,6 @@ Only torch, torchvision, av and numpy: no decord, no PIL paths.
 """
 import csv
 import json
-import math
 import os
 import re
 import shutil
