@@ -61,7 +61,7 @@ RECIPES = {
     'large-k400ft': dict(AVA, model='large', lr=5e-4, epochs=20, layer_decay=0.8, batch_size=4),     # Table 12
     'huge-k400ft':  dict(AVA, model='huge', lr=5e-4, epochs=20, layer_decay=0.8, batch_size=2),      # Table 12
     # Ours: a tiny ViT trained from scratch on the synthetic AVA-layout set, on a laptop CPU in minutes.
-    'synthetic': dict(AVA, model='small', embed_dim=64, depth=2, num_heads=2, patch_size=8, lr=2e-2, epochs=12,
+    'synthetic': dict(AVA, model='small', embed_dim=64, depth=2, num_heads=2, patch_size=8, lr=2e-2, epochs=30,
                       layer_decay=1.0, drop_path=0.0, warmup_epochs=1, total_batch=8, batch_size=8, num_frames=4,
                       input_size=64, short_side=64, num_workers=0, min_lr=1e-5),
 }
