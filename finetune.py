@@ -275,17 +275,17 @@ def train(cfg, dd, model, train_set, val_set, classes, optimizer, scaler, autoca
                     loss = soft_cross_entropy(net(video), soft) / accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 model_loss += loss.item()
-            if scaler:
+            model_loss = utils.all_reduce_mean(model_loss, dd.device)       # every rank stops together
+            utils.check_finite(model_loss, it, cfg['output_dir'])           # before the step: no NaN in weights
+            if scaler is None:
+                optimizer.step()
+            else:                                                           # fp16: skips steps with inf grads
                 scaler.step(optimizer)
                 scaler.update()
-            else:
-                optimizer.step()
             optimizer.zero_grad(set_to_none=True)
-            utils.check_finite(model_loss, it, cfg['output_dir'])
             bar.set_postfix(loss=f'{model_loss:.4f}', lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
             if it % 10 == 0 or step == steps - 1:
-                log.write(epoch=epoch, step=step, it=it, loss=utils.all_reduce_mean(model_loss, dd.device),
-                          lr=optimizer.param_groups[-1]['lr'])
+                log.write(epoch=epoch, step=step, it=it, loss=model_loss, lr=optimizer.param_groups[-1]['lr'])
             model_loss = 0.0
             if preempt.should_stop(dd.device):
                 save(cfg, dd, model, optimizer, scaler, classes, epoch, step + 1)

@@ -193,11 +193,12 @@ def fit(cfg, dd, probe, splits, classes, sgd, autocast, start):
                     loss = F.cross_entropy(net(x).float(), batch['label'].to(dd.device)) / accum
                 loss.backward()
                 total += loss.item()
+            total = utils.all_reduce_mean(total, dd.device)
+            utils.check_finite(total, n, cfg['output_dir'])
             sgd.step()
             sgd.zero_grad(set_to_none=True)
-            utils.check_finite(total, n, cfg['output_dir'])
             if n % 10 == 0:
-                jsonl.write(epoch=epoch, step=step, it=n, loss=utils.all_reduce_mean(total, dd.device), lr=sgd.param_groups[0]['lr'])
+                jsonl.write(epoch=epoch, step=step, it=n, loss=total, lr=sgd.param_groups[0]['lr'])
             if stop.should_stop(dd.device):
                 checkpoint(cfg, dd, probe, sgd, classes, epoch, step + 1)
                 raise SystemExit(f'{stop.requested}: saved at epoch {epoch} step {step + 1}; the same command resumes')
