@@ -72,7 +72,7 @@ RECIPES = {
     # one test crop (square frames: the three crops along the long side would coincide).
     'synthetic': dict(K400, size='small', embed_dim=192, depth=6, num_heads=3, patch_size=8, num_frames=16,
                       input_size=64, short_side=64, sampling_rate=2, total_batch=16, batch_size=16, lr=4e-3,
-                      min_lr=1e-5, epochs=10, warmup_epochs=1, layer_decay=0.75, drop_path=0.1, randaug=None,
+                      min_lr=1e-5, epochs=5, warmup_epochs=1, layer_decay=0.75, drop_path=0.1, randaug=None,
                       random_erasing=0.0, mixup=0.0, cutmix=0.0, num_sample=1, test_clips=2, test_crops=1),
 }
 # Supervised training from scratch (no --finetune), § B: "we follow the recipe in [21] and train from scratch

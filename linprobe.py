@@ -42,11 +42,11 @@ RECIPES = {
     'ucf101': dict(TABLE11, sampling='dense', sampling_rate=4, test_clips=5, test_crops=3),    # Table 11 extended
     'hmdb51': dict(TABLE11, sampling='dense', sampling_rate=2, test_clips=10, test_crops=3),   # Table 11 extended
     # Not in the paper: pretrain.py's tiny synthetic model on CPU in minutes. Table 11 except a batch
-    # the 320 training videos can fill (lr scaled with it), 6 epochs with 1 of warm-up, one test crop (the
+    # the 320 training videos can fill (lr scaled with it), 5 epochs with 1 of warm-up, one test crop (the
     # frames are square: three crops along the long side would coincide).
     'synthetic': dict(TABLE11, size='small', embed_dim=192, depth=6, num_heads=3, patch_size=8, num_frames=16,
                       input_size=64, short_side=64, sampling='dense', sampling_rate=2, total_batch=32,
-                      batch_size=32, epochs=6, warmup_epochs=1, test_clips=2, test_crops=1),
+                      batch_size=32, epochs=5, warmup_epochs=1, test_clips=2, test_crops=1),
 }
 RECIPES['list'] = RECIPES['k400']                    # your own list file: the Kinetics row
 ARCH = ('embed_dim', 'depth', 'num_heads', 'mlp_ratio', 'patch_size', 'tubelet_size')
