@@ -118,6 +118,157 @@ def bench_data(args):
     print(f'\nload average after the run: {", ".join(f"{x:.2f}" for x in os.getloadavg())}')
 
 
+# ------------------------------------------------------------------------------------------------------
+# model / train (pre-training step; owner of this section: pretrain.py)
+# ------------------------------------------------------------------------------------------------------
+def pretrain_flops(cfg, T, S, ratio, batch):
+    """Analytic FLOPs of one training step (forward x 3 for forward + backward) of the pre-training model:
+    the matmuls of the cube embedding (visible cubes only), qkv, attention (QK^T and AV), proj, MLP in the
+    encoder (visible tokens) and the decoder (all tokens), encoder_to_decoder, and the head (masked tokens)."""
+    t, p, r = cfg['tubelet_size'], cfg['patch_size'], cfg['mlp_ratio']
+    per_slice = (S // p) ** 2
+    N = T // t * per_slice
+    Nm = T // t * int(ratio * per_slice)
+    Nv, P = N - Nm, 3 * t * p * p
+    D, Dd = cfg['embed_dim'], cfg['decoder_embed_dim']
+    block = lambda n, d: 2 * n * d * 3 * d + 4 * n * n * d + 2 * n * d * d + 2 * 2 * n * d * int(r * d)
+    fwd = 2 * Nv * P * D + cfg['depth'] * block(Nv, D) + 2 * Nv * D * Dd + cfg['decoder_depth'] * block(N, Dd) \
+        + 2 * Nm * Dd * P
+    return 3 * fwd * batch
+
+
+def matmul_peak(dtype=torch.float32, n=4096, repeats=3):
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    sec = timed(lambda: a @ b, repeats)
+    return 2 * n ** 3 / sec / 1e9
+
+
+def explicit_attention(self, x):
+    """softmax(q k^T / sqrt(d)) v written out (the materialised N x N matrix), to compare with SDPA."""
+    import torch.nn.functional as F
+    B, N, C = x.shape
+    bias = torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias])
+    qkv = F.linear(x, self.qkv.weight, bias).reshape(B, N, 3, self.num_heads, C // self.num_heads)
+    q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+    attn = (q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)
+    x = attn.softmax(-1) @ v
+    return self.proj_drop(self.proj(x.transpose(1, 2).reshape(B, N, C)))
+
+
+def peak_rss_reset():
+    """Reset the process's peak resident memory (Linux /proc/self/clear_refs 5) so each config gets its own."""
+    try:
+        with open('/proc/self/clear_refs', 'w') as f:
+            f.write('5')
+    except OSError:
+        pass
+
+
+def peak_rss_mb():
+    with open('/proc/self/status') as f:
+        return next(int(ln.split()[1]) for ln in f if ln.startswith('VmHWM')) / 1024
+
+
+def pretrain_step_fn(net, batch, T, S, ratio, precision, device):
+    """One full pre-training step as pretrain.py does it: mask on the device, forward (autocast), loss, backward,
+    AdamW. -> a function to time."""
+    import masking
+    import model as videomae
+    import utils
+    video = torch.randn(batch, 3, T, S, S, device=device)
+    opt = utils.make_adamw(utils.param_groups(net, 0.05), 1e-4, (0.9, 0.95), device)
+    autocast = (lambda: torch.autocast(device.type, dtype=torch.bfloat16)) if precision == 'bf16' else \
+        (lambda: torch.autocast(device.type, enabled=False))
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def step():
+        mask = masking.tube_masking(batch, net.grid(video.shape), ratio, generator=gen, device=device)
+        with autocast():
+            pred = net(video, mask)
+        loss = videomae.pretrain_loss(pred, video, mask, net.patch_size, net.tubelet_size)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        if device.type == 'cuda':
+            torch.cuda.synchronize()
+    return step
+
+
+def bench_model(args):
+    import model as videomae
+    device = torch.device(args.device)
+    T, S, ratio, B = args.num_frames, args.input_size, args.mask_ratio, args.batch_size
+    peaks = {'fp32': matmul_peak(torch.float32), 'bf16': matmul_peak(torch.bfloat16)} if device.type == 'cpu' else {}
+    print(f'\n### model: one pre-training step (forward, loss, backward, AdamW), {T}x{S}x{S}, tube ratio {ratio}, '
+          f'batch {B}, {device}\n')
+    print(f'machine: {machine()}; torch {torch.__version__}, {torch.get_num_threads()} threads')
+    if peaks:
+        print(f'measured matmul peak (4096^2): fp32 {peaks["fp32"]:.1f} GFLOP/s, bf16 {peaks["bf16"]:.1f} GFLOP/s\n')
+    print('| model | precision | attention | s / step | clips/s | GFLOP / step | GFLOP/s | % of matmul peak | peak RSS MB |')
+    print('|---|---|---|---|---|---|---|---|---|')
+    sdpa_forward = videomae.Attention.forward
+    for size in args.sizes:
+        for precision in args.precisions:
+            for attention in ('sdpa', 'explicit'):
+                videomae.Attention.forward = sdpa_forward if attention == 'sdpa' else explicit_attention
+                torch.manual_seed(0)
+                peak_rss_reset()
+                net = videomae.build_pretrain(size, img_size=S, num_frames=T).to(device)
+                sec = timed(pretrain_step_fn(net, B, T, S, ratio, precision, device), args.repeats)
+                flops = pretrain_flops(net.config, T, S, ratio, B)
+                rate = flops / sec / 1e9
+                frac = f'{100 * rate / peaks[precision]:.0f}%' if precision in peaks else ''
+                mem = f'{peak_rss_mb():.0f}' if device.type == 'cpu' else \
+                    f'{torch.cuda.max_memory_allocated() / 2**20:.0f} (GPU)'
+                print(f'| {size} | {precision} | {attention} | {sec:.3f} | {B / sec:.2f} | {flops / 1e9:.1f} | '
+                      f'{rate:.1f} | {frac} | {mem} |', flush=True)
+                del net
+    videomae.Attention.forward = sdpa_forward
+    if args.profile:
+        from torch.profiler import ProfilerActivity, profile
+        net = videomae.build_pretrain(args.sizes[-1], img_size=S, num_frames=T).to(device)
+        step = pretrain_step_fn(net, B, T, S, ratio, args.precisions[0], device)
+        step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            step()
+        print(f'\nwhere the time goes ({args.sizes[-1]}, {args.precisions[0]}, SDPA; torch.profiler, self CPU time):\n')
+        print(prof.key_averages().table(sort_by='self_cpu_time_total', row_limit=12))
+    print(f'\nload average after the run: {", ".join(f"{x:.2f}" for x in os.getloadavg())}')
+
+
+def bench_train(args):
+    """End to end: the real pretrain.py (synthetic recipe: decoding, augmentation, masking, step, logging) for
+    a few steps per worker count, read back from its log.jsonl: clips/s and the share of the step spent
+    waiting for data; against the model-only step of the same shape."""
+    import json
+    import sys
+    import pretrain
+    import model as videomae
+    r = pretrain.RECIPES['synthetic']
+    B, T, S = r['batch_size'], r['num_frames'], r['input_size']
+    torch.manual_seed(0)
+    net = videomae.build_pretrain(r['model'], img_size=S, num_frames=T,
+                                  **{k: r[k] for k in pretrain.ARCH_KEYS if k in r})
+    model_only = timed(pretrain_step_fn(net, B, T, S, r['mask_ratio'], 'fp32', torch.device('cpu')), args.repeats)
+    print(f'\n### train: pretrain.py end to end (synthetic recipe: {T}x{S}x{S}, batch {B}, real AVI decoding)\n')
+    print(f'machine: {machine()}\n')
+    print('| what | s / step | clips/s | waiting for data |')
+    print('|---|---|---|---|')
+    print(f'| model step only (no data) | {model_only:.3f} | {B / model_only:.1f} | - |', flush=True)
+    for workers in args.workers:
+        with tempfile.TemporaryDirectory() as tmp:
+            cmd = [sys.executable, os.path.join(os.path.dirname(os.path.abspath(__file__)), 'pretrain.py'),
+                   '--epochs', '1', '--warmup_epochs', '0', '--max_videos', str(B * (args.steps + 2)),
+                   '--num_workers', str(workers), '--output_dir', tmp, '--vis_videos', '1']
+            subprocess.run(cmd, check=True, capture_output=True)
+            steps = [json.loads(ln) for ln in open(os.path.join(tmp, 'log.jsonl'))]
+            steps = [s for s in steps if s['kind'] == 'step'][2:]          # the first two warm up the workers
+            sec = float(np.median([s['step_s'] for s in steps]))
+            wait = sum(s['data_wait_s'] for s in steps) / sum(s['step_s'] for s in steps)
+            print(f'| pretrain.py, {workers} decoding worker(s) | {sec:.3f} | {B / sec:.1f} | {wait:.0%} |', flush=True)
+    print(f'\nload average after the run: {", ".join(f"{x:.2f}" for x in os.getloadavg())}')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = p.add_subparsers(dest='section', required=True)
@@ -127,6 +278,22 @@ def main():
     d.add_argument('--input_size', type=int, default=224, help='crop size after MultiScaleCrop (default 224)')
     d.add_argument('--repeats', type=int, default=12, help='timed clips per configuration (median; default 12)')
     d.set_defaults(fn=bench_data)
+    m = sub.add_parser('model', help='pre-training step time, memory, FLOP efficiency; SDPA vs explicit attention')
+    m.add_argument('--sizes', nargs='+', default=['small', 'base'], help='model sizes (default small base)')
+    m.add_argument('--precisions', nargs='+', default=['fp32', 'bf16'], help='fp32 and/or bf16 autocast')
+    m.add_argument('--num_frames', type=int, default=16, help='frames (default 16)')
+    m.add_argument('--input_size', type=int, default=224, help='frame side (default 224)')
+    m.add_argument('--mask_ratio', type=float, default=0.9, help='tube mask ratio (default 0.9)')
+    m.add_argument('--batch_size', type=int, default=1, help='clips per step (default 1)')
+    m.add_argument('--repeats', type=int, default=3, help='timed steps per configuration (median; default 3)')
+    m.add_argument('--device', default='cpu', help='cpu or cuda (default cpu)')
+    m.add_argument('--profile', action='store_true', help='also print the top ops of one step of the last size')
+    m.set_defaults(fn=bench_model)
+    t = sub.add_parser('train', help='pretrain.py end to end on the synthetic recipe: clips/s, data wait share')
+    t.add_argument('--workers', type=int, nargs='+', default=[0, 2], help='decoding workers to try (default 0 2)')
+    t.add_argument('--steps', type=int, default=10, help='steps per run (default 10)')
+    t.add_argument('--repeats', type=int, default=5, help='timed model-only steps (default 5)')
+    t.set_defaults(fn=bench_train)
     args = p.parse_args()
     args.fn(args)
 
