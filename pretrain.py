@@ -292,6 +292,9 @@ def train(cfg, dist_info):
             print(f'gradient accumulation: {accum} micro-batches of {cfg["batch_size"]} x {dist_info.world_size} '
                   f'process(es) per step reach the recipe\'s total batch {cfg["total_batch"]}', flush=True)
 
+    if start_epoch >= cfg['epochs'] and dist_info.is_main:
+        print(f'{resume} already completed {start_epoch} of --epochs {cfg["epochs"]}: nothing to do '
+              f'(raise --epochs to continue the cosine, or use another --output_dir)')
     preempt = utils.Preemption()
     failures = data.FailureLog()
     mask_fn = MASKS[cfg['mask_type']]
@@ -341,7 +344,8 @@ def train(cfg, dist_info):
                 optimizer.step()
             optimizer.zero_grad(set_to_none=True)
             dt = time.perf_counter() - t0
-            sums['loss'] += loss_value; sums['steps'] += 1; sums['wait'] += wait; sums['time'] += dt
+            for key, value in (('loss', loss_value), ('steps', 1), ('wait', wait), ('time', dt)):
+                sums[key] += value
             clips_s = cfg['total_batch'] / dt
             log.write(kind='step', epoch=epoch, step=step, it=it, loss=loss_value, lr=lr, grad_norm=gnorm,
                       clips_per_s=round(clips_s, 2), step_s=round(dt, 4), data_wait_s=round(wait, 4))

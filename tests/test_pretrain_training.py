@@ -167,3 +167,11 @@ def test_visualize_writes_legible_pngs(reference, tmp_path):
     # (nearest) with a 2-pixel border; 4 frames and a label column
     assert img.shape[0] == 3 and img.shape[1] == 7 * (32 * 4 + 4) and img.shape[2] > 4 * (32 * 4 + 4)
     assert img.float().std() > 10                                   # not a blank picture
+
+
+def test_non_finite_loss_stops_with_a_clear_message(dataset, tmp_path):
+    # an absurd lr blows the weights up within a few steps: the run stops before saving anything bad
+    p = run(tmp_path, '--data_path', dataset, '--lr', '1e35', '--warmup_epochs', '0', check=False)
+    assert p.returncode == 1
+    assert 'error: the loss is' in p.stderr and 'stopping' in p.stderr
+    assert not [f for f in os.listdir(tmp_path) if f.endswith('.pth')]
