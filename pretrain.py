@@ -12,10 +12,8 @@ pictures (Figures 10, 11), main(). Shared plumbing (schedules, checkpoints, DDP)
 """
 import argparse
 import json
-import math
 import os
 import signal
-import sys
 import time
 from contextlib import nullcontext
 
