@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import data
 import utils
-from model import build_classifier, load_checkpoint, sincos_table
+from model import build_classifier, load_checkpoint
 
 # ----------------------------------------------------------------------------------------------------
 # Recipes. Table 12, AVA v2.2 columns: without (key = size) and with (key = size-k400ft) the extra
@@ -335,28 +335,14 @@ class Detector(nn.Module):
 def build_detector(cfg):
     over = {k: cfg[k] for k in ('embed_dim', 'depth', 'num_heads', 'patch_size') if cfg.get(k) is not None}
     kw = dict(over, img_size=cfg['input_size'], num_frames=cfg['num_frames'], drop_path_rate=cfg['drop_path'])
-    vit = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=False, **kw)
+    # Positions: the official AD model resizes the 224-pixel (T', 14, 14) sine table bicubically to the test
+    # grid (e.g. 16 x 28 at 256 x 455) instead of recomputing the flat-index table (interpolate_pos).
+    vit = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=False, interpolate_pos=True, **kw)
     if cfg.get('finetune'):
-        try:
-            report = load_checkpoint(vit, cfg['finetune'])              # pre-trained: encoder.norm -> norm
-        except ValueError:
-            # A Kinetics-fine-tuned classifier has fc_norm (after mean pooling) and no token norm. The official
-            # AD code leaves fc_norm out and starts `norm` at 1/0: load it as a mean-pooling classifier, copy.
-            tmp = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=True, **kw)
-            report = load_checkpoint(tmp, cfg['finetune'])
-            vit.load_state_dict({k: v for k, v in tmp.state_dict().items() if not k.startswith('fc_norm.')},
-                                strict=False)
-            report['unexpected'] += ['fc_norm.weight', 'fc_norm.bias']
-            report['missing'] += ['norm.weight', 'norm.bias']
-            report['notes'].append('classifier checkpoint: fc_norm left out, the token LayerNorm starts at 1/0')
+        # pre-trained: encoder.norm -> norm; Kinetics-fine-tuned: fc_norm left out, norm starts at 1/0
+        report = load_checkpoint(vit, cfg['finetune'])
         print(f"loaded {cfg['finetune']} ({report['source']}): missing {report['missing']}, "
               f"unexpected {report['unexpected']}" + ''.join(f'\n  {n}' for n in report['notes']))
-    # Positions: the official AD model resizes the 224-pixel (T', 14, 14) sine table bicubically to the test
-    # grid (e.g. 16 x 28 at 256 x 455) instead of recomputing the flat-index table for the new grid. A fixed,
-    # unsaved pos_embed makes model.py resize it (identity at the training size).
-    del vit.pos_embed
-    vit.register_buffer('pos_embed', sincos_table(math.prod(vit.pos_grid), vit.embed_dim, 'cpu')[None],
-                        persistent=False)
     return Detector(vit, cfg['head_dropout'])
 
 

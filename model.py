@@ -37,7 +37,7 @@ SIZES = {
 DEFAULTS = dict(patch_size=16, tubelet_size=2, img_size=224, num_frames=16, mlp_ratio=4.0,
                 drop_rate=0.0, attn_drop_rate=0.0, drop_path_rate=0.0, fc_drop_rate=0.0,
                 init_values=0.0, init_scale=0.001, use_mean_pooling=True, use_checkpoint=False,
-                use_learnable_pos_emb=False)
+                use_learnable_pos_emb=False, interpolate_pos=False)
 
 
 def _config(size, overrides):
@@ -99,9 +99,15 @@ def resize_pos_embed(pe, old_grid, new_grid):
 
 
 def _positions(owner, grid, dim, device):
-    """(N, dim) positions for this grid: the owner's learned table resized, or the sine table."""
+    """(N, dim) positions for this grid: the owner's learned table resized, or the sine table. The sine table
+    is recomputed over the flat index of the new grid (official classification), or, with interpolate_pos,
+    the training grid's table is resized bicubically per time slice (official AVA detection code, whose test
+    frames are larger than the 224 training crops)."""
     if getattr(owner, 'pos_embed', None) is not None:
         return resize_pos_embed(owner.pos_embed, owner.pos_grid, grid)[0]
+    if owner.config.get('interpolate_pos') and tuple(grid) != tuple(owner.pos_grid):
+        table = sincos_table(math.prod(owner.pos_grid), dim, device)[None]
+        return resize_pos_embed(table, owner.pos_grid, grid)[0]
     return sincos_table(math.prod(grid), dim, device)
 
 
@@ -220,7 +226,7 @@ def _check_video(video):
 class PretrainEncoder(nn.Module):
     def __init__(self, cfg):
         super().__init__()
-        D = cfg['embed_dim']
+        D, self.config = cfg['embed_dim'], cfg
         self.patch_size, self.tubelet_size, self.use_checkpoint = cfg['patch_size'], cfg['tubelet_size'], cfg['use_checkpoint']
         self.patch_embed = PatchEmbed(D, cfg['patch_size'], cfg['tubelet_size'])
         self.pos_grid = grid_of((cfg['num_frames'], cfg['img_size'], cfg['img_size']), cfg['patch_size'], cfg['tubelet_size'])
@@ -480,6 +486,13 @@ def load_checkpoint(model, path):
         may_miss |= {k for k in target if k.startswith(('fc_norm.', 'head.'))}
         notes.append('pre-training checkpoint: encoder loaded; decoder, encoder_to_decoder, mask_token and '
                      'encoder.norm left out; fc_norm and head keep their fresh init')
+    if isinstance(model, VisionTransformer) and not is_pre and 'fc_norm.weight' in sd and 'fc_norm.weight' not in target:
+        # a mean-pooling classifier (e.g. Kinetics-fine-tuned) into a token-norm model (AVA detection backbone):
+        # as the official detection code, fc_norm is left out and the token LayerNorm starts at 1/0
+        unexpected += [k for k in ('fc_norm.weight', 'fc_norm.bias') if k in sd]
+        sd = {k: v for k, v in sd.items() if not k.startswith('fc_norm.')}
+        may_miss |= {k for k in target if k.startswith('norm.')}
+        notes.append('classifier checkpoint into a token-norm model: fc_norm left out, norm starts at 1/0')
     if isinstance(model, VisionTransformer) and 'head.weight' in sd and 'head.weight' in target \
             and sd['head.weight'].shape != target['head.weight'].shape:
         notes.append(f"head: checkpoint has {sd['head.weight'].shape[0]} classes, model {target['head.weight'].shape[0]}; "

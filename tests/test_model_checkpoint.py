@@ -112,3 +112,28 @@ def test_other_frames_and_resolution_load_and_run(tmp_path):
     assert big(torch.randn(1, 3, 4, 48, 48)).shape == (1, 4)
     with pytest.raises(ValueError, match='learned pos_embed .* fixed sine table'):
         load_checkpoint(build_classifier('small', 4, **TINY), tmp_path / 'l.pth')
+
+
+def test_mean_pooling_classifier_loads_into_a_token_norm_model_leaving_fc_norm_out(tmp_path):
+    """A Kinetics-fine-tuned classifier into the AVA backbone (use_mean_pooling=False), as the official
+    detection code: fc_norm is left out and reported, the token LayerNorm starts at 1/0."""
+    src = randomise(build_classifier('small', 5, **{k: v for k, v in TINY.items() if 'decoder' not in k}))
+    torch.save({'module': src.state_dict()}, tmp_path / 'k400.pth')
+    dst = build_classifier('small', 5, use_mean_pooling=False, **{k: v for k, v in TINY.items() if 'decoder' not in k})
+    report = load_checkpoint(dst, tmp_path / 'k400.pth')
+    assert sorted(report['unexpected']) == ['fc_norm.bias', 'fc_norm.weight']
+    assert sorted(report['missing']) == ['norm.bias', 'norm.weight']
+    assert torch.equal(dst.blocks[1].mlp.fc1.weight, src.blocks[1].mlp.fc1.weight)
+    assert (dst.norm.weight == 1).all() and (dst.norm.bias == 0).all()
+
+
+def test_interpolate_pos_resizes_the_training_table_only_off_the_training_grid():
+    from model import _positions, resize_pos_embed, sincos_table
+    kw = {k: v for k, v in TINY.items() if 'decoder' not in k}
+    interp = build_classifier('small', 0, interpolate_pos=True, **kw)      # training grid (2, 4, 4)
+    plain = build_classifier('small', 0, **kw)
+    assert torch.equal(_positions(interp, (2, 4, 4), 32, 'cpu'), _positions(plain, (2, 4, 4), 32, 'cpu'))
+    want = resize_pos_embed(sincos_table(32, 32, 'cpu')[None], (2, 4, 4), (2, 5, 6))[0]
+    assert torch.allclose(_positions(interp, (2, 5, 6), 32, 'cpu'), want)
+    assert _positions(plain, (2, 5, 6), 32, 'cpu').shape == want.shape
+    assert not torch.allclose(_positions(plain, (2, 5, 6), 32, 'cpu'), want)
