@@ -331,7 +331,8 @@ def normalize(video):
 # ----------------------------------------------------------------------------------------------------
 # 4. Dataset
 # ----------------------------------------------------------------------------------------------------
-def _item_seed(seed, epoch, index):
+def item_seed(seed, epoch, index):
+    """Seed of one item's augmentation: a pure function of (seed, epoch, index) (exact resume, any worker count)."""
     return int(np.random.SeedSequence([seed, epoch, index]).generate_state(1, np.uint64)[0] >> 1)
 
 
@@ -394,7 +395,7 @@ class VideoDataset(torch.utils.data.Dataset):
         index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
         failed, idx = [], index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(_item_seed(self.seed, epoch, index))
+            torch.manual_seed(item_seed(self.seed, epoch, index))
             for attempt in range(self.max_retries + 1):
                 path, label = self.samples[idx]
                 try:
@@ -464,14 +465,14 @@ def _worker_init(_):
     torch.set_num_threads(1)  # each worker one op thread: the workers are the parallelism
 
 
-def make_loader(dataset, batch_size, *, train, num_workers, seed=0, drop_last=None):
+def make_loader(dataset, batch_size, *, train, num_workers, seed=0, drop_last=None, collate_fn=None):
     """DataLoader over an EpochSampler (shuffled when train). Call loader.sampler.set_epoch(epoch, skip)
     every epoch. Items are collated to video (B, V, 3, T, S, S) uint8, label (B,), index (B,), failed (list)."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle=train, seed=seed),
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=train if drop_last is None
         else drop_last, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_worker_init if num_workers > 0 else None)
+        worker_init_fn=_worker_init if num_workers > 0 else None, collate_fn=collate_fn)
 
 
 # ----------------------------------------------------------------------------------------------------

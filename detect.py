@@ -266,7 +266,7 @@ class AVAClips(torch.utils.data.Dataset):
         index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
         failed, idx = [], index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(int(np.random.SeedSequence([self.seed, epoch, index]).generate_state(1)[0]))
+            torch.manual_seed(data.item_seed(self.seed, epoch, index))
             for _ in range(10):
                 vid, sec, boxes, labels, scores = self.entries[idx]
                 try:
@@ -300,13 +300,6 @@ def collate(items, multiple=16):
     return dict(video=video, boxes=[it['boxes'] for it in items], labels=cat('labels'), scores=cat('scores'),
                 norm_boxes=cat('norm_boxes'), keys=[it['key'] for it in items],
                 index=torch.tensor([it['index'] for it in items]), failed=[it['failed'] for it in items])
-
-
-def make_loader(dataset, batch_size, *, train, num_workers, seed, multiple):
-    return torch.utils.data.DataLoader(
-        dataset, batch_size=batch_size, sampler=data.EpochSampler(dataset, shuffle=train, seed=seed),
-        num_workers=num_workers, collate_fn=functools.partial(collate, multiple=multiple), drop_last=train,
-        pin_memory=torch.cuda.is_available(), persistent_workers=num_workers > 0)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -719,8 +712,8 @@ def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
     device, bs = d.device, cfg['batch_size']
     autocast, scaler, prec = utils.amp_setup(device, cfg['precision'])
     accum = utils.accumulation_steps(cfg['total_batch'], bs, d.world_size)
-    loader = make_loader(train_set, bs, train=True, num_workers=cfg['num_workers'], seed=cfg['seed'],
-                         multiple=detector.backbone.patch_size)
+    loader = data.make_loader(train_set, bs, train=True, num_workers=cfg['num_workers'], seed=cfg['seed'],
+                              collate_fn=functools.partial(collate, multiple=detector.backbone.patch_size))
     steps_per_epoch = len(loader.sampler) // bs // accum
     if steps_per_epoch == 0:
         raise SystemExit(f'error: {len(train_set)} training keyframes cannot fill one step of --total_batch '
@@ -835,8 +828,8 @@ def main(argv=None):
                  short_side=cfg['short_side'], seed=cfg['seed'])
     val_set = AVAClips(entries_from(val_boxes, cfg['det_thresh'], skip=excluded), source, train=False, flip=False, **clips)
     detector = build_detector(cfg).to(d.device)
-    val_loader = make_loader(val_set, cfg['batch_size'], train=False, num_workers=cfg['num_workers'],
-                             seed=cfg['seed'], multiple=detector.backbone.patch_size)
+    val_loader = data.make_loader(val_set, cfg['batch_size'], train=False, num_workers=cfg['num_workers'],
+                                  seed=cfg['seed'], collate_fn=functools.partial(collate, multiple=detector.backbone.patch_size))
     autocast = utils.amp_setup(d.device, cfg['precision'])[0]
     done = True
     if cfg['eval']:
