@@ -289,8 +289,9 @@ def train(cfg, dd, model, train_set, val_set, classes, optimizer, scaler, autoca
             model_loss = 0.0
             if preempt.should_stop(dd.device):
                 save(cfg, dd, model, optimizer, scaler, classes, epoch, step + 1)
-                raise SystemExit(f'{preempt.requested}: checkpoint saved at epoch {epoch} step {step + 1}; '
-                                 'the same command resumes')
+                print(f'{preempt.requested or "another rank"}: checkpoint saved at epoch {epoch} step {step + 1}; '
+                      'the same command resumes', flush=True)
+                raise SystemExit(0)                                          # pre-emption is a clean exit
         step0 = 0
         failures.end_epoch(steps * accum * cfg['batch_size'])
         if cfg['val_freq'] and ((epoch + 1) % cfg['val_freq'] == 0 or epoch + 1 == cfg['epochs']):

@@ -201,7 +201,9 @@ def fit(cfg, dd, probe, splits, classes, sgd, autocast, start):
                 jsonl.write(epoch=epoch, step=step, it=n, loss=total, lr=sgd.param_groups[0]['lr'])
             if stop.should_stop(dd.device):
                 checkpoint(cfg, dd, probe, sgd, classes, epoch, step + 1)
-                raise SystemExit(f'{stop.requested}: saved at epoch {epoch} step {step + 1}; the same command resumes')
+                print(f'{stop.requested or "another rank"}: saved at epoch {epoch} step {step + 1}; the same command '
+                      'resumes', flush=True)
+                raise SystemExit(0)                                          # pre-emption is a clean exit
         failures.end_epoch(per_epoch * accum * cfg['batch_size'])
         if cfg['val_freq'] and ((epoch + 1) % cfg['val_freq'] == 0 or epoch + 1 == cfg['epochs']):
             top = score(cfg, dd, probe, val_set, classes, autocast, 'val')

@@ -169,3 +169,23 @@ def test_compare_lists_the_classes_where_one_model_wins(tmp_path):
     assert 'A (' in p.stdout and 'better on 1:' in p.stdout
     a_part, b_part = p.stdout.split('B (')
     assert 'Archery' in a_part and '+ 30.0' in a_part and 'Diving' in b_part and 'Bowling' not in p.stdout
+
+
+def test_sigterm_saves_a_mid_epoch_checkpoint_exits_0_and_the_same_command_resumes(videos, pretrained, tmp_path):
+    import signal
+    import time
+    args = ['--dataset', 'ucf101', '--data_path', videos, '--finetune', pretrained, '--output_dir', str(tmp_path),
+            *CLIP, '--batch_size', '2', '--total_batch', '2', '--epochs', '1', '--warmup_epochs', '0', '--val_freq', '0']
+    proc = subprocess.Popen([sys.executable, os.path.join(ROOT, 'finetune.py'), *args], cwd=ROOT, env=ENV,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    log, deadline = tmp_path / 'log.jsonl', time.time() + 120
+    while time.time() < deadline and not (log.exists() and '"loss"' in log.read_text()):
+        time.sleep(0.02)                                        # the first step is done: pre-empt
+    proc.send_signal(signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0, err[-3000:]
+    saved = [f for f in os.listdir(tmp_path) if f.endswith('.pth')]
+    assert len(saved) == 1 and saved[0].startswith('checkpoint-00000-'), saved     # 8 steps in the epoch
+    assert 'the same command resumes' in out
+    p = run('finetune.py', *args)
+    assert 'resumed' in p.stdout and json.load(open(tmp_path / 'test-results.json'))['videos'] == 8
