@@ -8,7 +8,7 @@ import torch
 
 from model import SIZES, build_classifier, build_pretrain
 
-KEYS = Path(__file__).resolve().parents[2] / 'shared' / 'spec' / 'official-checkpoint-keys.txt'
+KEYS = Path(__file__).resolve().parent / 'data' / 'official-checkpoint-keys.txt'  # the release's key list, a copy of the spec's
 
 
 def parse_sections():
