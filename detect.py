@@ -769,12 +769,7 @@ def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
             micro += 1
             if not sync:
                 continue
-            if scaler:
-                scaler.step(opt)
-                scaler.update()
-            else:
-                opt.step()
-            opt.zero_grad(set_to_none=True)
+            utils.optimizer_step(opt, scaler)
             micro, step = 0, step + 1
             value = utils.all_reduce_mean(loss.item() * accum, device)
             utils.check_finite(value, epoch * steps_per_epoch + step, cfg['output_dir'])

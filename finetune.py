@@ -277,12 +277,7 @@ def train(cfg, dd, model, train_set, val_set, classes, optimizer, scaler, autoca
                 model_loss += loss.item()
             model_loss = utils.all_reduce_mean(model_loss, dd.device)       # every rank stops together
             utils.check_finite(model_loss, it, cfg['output_dir'])           # before the step: no NaN in weights
-            if scaler is None:
-                optimizer.step()
-            else:                                                           # fp16: skips steps with inf grads
-                scaler.step(optimizer)
-                scaler.update()
-            optimizer.zero_grad(set_to_none=True)
+            utils.optimizer_step(optimizer, scaler)                         # fp16: skips steps with inf grads
             bar.set_postfix(loss=f'{model_loss:.4f}', lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
             if it % 10 == 0 or step == steps - 1:
                 log.write(epoch=epoch, step=step, it=it, loss=model_loss, lr=optimizer.param_groups[-1]['lr'])

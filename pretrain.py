@@ -335,12 +335,7 @@ def train(cfg, dist_info):
                      else utils.grad_norm(params))
             loss_value = utils.all_reduce_mean(loss_sum, device)          # same value on every rank
             utils.check_finite(loss_value, it, cfg['output_dir'])      # stop before a NaN reaches the weights
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            utils.optimizer_step(optimizer, scaler)
             dt = time.perf_counter() - t0
             for key, value in (('loss', loss_value), ('steps', 1), ('wait', wait), ('time', dt)):
                 sums[key] += value

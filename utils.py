@@ -184,6 +184,16 @@ def set_lr(optimizer, lr):
         g['lr'] = lr * g.get('lr_scale', 1.0)
 
 
+def optimizer_step(optimizer, scaler):
+    """One optimiser step; with an fp16 GradScaler it skips steps whose gradients overflowed. Then zero grads."""
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)
+        scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+
 def grad_norm(parameters):
     grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
     return torch.stack(grads).norm().item() if grads else 0.0
