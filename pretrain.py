@@ -266,7 +266,7 @@ def train(cfg, dist_info):
     start_epoch, start_step = 0, 0
     resume = utils.resolve_resume(cfg['resume'], cfg['output_dir'])
     if resume:
-        old = utils.load_state(resume).get('config', {})
+        old = utils.checkpoint_meta(resume)['config']          # mmap: no tensor is read
         if (old.get('model'), old.get('model_kwargs')) != (cfg['model'], cfg['model_kwargs']):
             raise SystemExit(f'error: {resume} was trained with model {old.get("model")} {old.get("model_kwargs")}, '
                              f'not {cfg["model"]} {cfg["model_kwargs"]}; use another --output_dir or --resume ""')
