@@ -79,7 +79,6 @@ def _decode_wanted(container, stream, wanted, fps, seek):
     that cannot be trusted (no pts, overshooting seek, pts that disagree with counting) so the caller
     retries from the start, counting frames (the only safe way for AVI/WebM with odd timestamps)."""
     tb, start = stream.time_base, stream.start_time or 0
-    first = None
     if seek:
         if not tb or not fps:
             return None

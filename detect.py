@@ -20,7 +20,6 @@ import json
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import defaultdict

@@ -18,7 +18,6 @@ pre-training checkpoint given with --finetune (model size and shape), the recipe
 """
 import argparse
 import json
-import math
 import os
 import sys
 from contextlib import nullcontext

@@ -1,5 +1,4 @@
 """decode_frames returns exactly the asked frames (0-based, display order) on every container we read."""
-import os
 
 import av
 import numpy as np

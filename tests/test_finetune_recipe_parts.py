@@ -1,11 +1,9 @@
 """The pieces of the fine-tuning recipe: layer-wise lr decay and weight-decay groups on the classifier,
 mixup/cutmix soft targets with label smoothing folded in, CutMix's box the same in every frame, and the
 multi-view merge (the views of one video averaged, only those, padding duplicates counted once)."""
-import math
 
 import pytest
 import torch
-from torchvision.transforms import v2
 
 import finetune
 import model as vmae

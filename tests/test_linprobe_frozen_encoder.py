@@ -4,7 +4,6 @@ affine; end to end on real videos from one of our pre-training checkpoints and f
 import json
 import os
 
-import pytest
 import torch
 
 import linprobe
