@@ -240,7 +240,8 @@ def soft_cross_entropy(logits, soft):
 
 def train(cfg, dd, model, train_set, val_set, classes, optimizer, scaler, autocast, start):
     """The loop: per-iteration cosine lr with warm-up, gradient accumulation to total_batch, checkpoints at
-    every epoch end and on SIGTERM (then exit), optional one-view validation."""
+    every epoch end and on SIGTERM (then exit), optional one-view validation. log.jsonl gets pretrain.py's
+    records: one per step (loss, lr, grad_norm, clips_per_s, step_s, data_wait_s), one per epoch."""
     log = utils.JsonlLog(os.path.join(cfg['output_dir'], 'log.jsonl'), dd.is_main)
     accum = utils.accumulation_steps(cfg['total_batch'], cfg['batch_size'], dd.world_size)
     loader = data.make_loader(train_set, cfg['batch_size'], train=True, num_workers=cfg['num_workers'], seed=cfg['seed'])
@@ -256,12 +257,17 @@ def train(cfg, dd, model, train_set, val_set, classes, optimizer, scaler, autoca
         loader.sampler.set_epoch(epoch, skip=step0 * accum * cfg['batch_size'])
         batches, model_loss = iter(loader), 0.0
         net.train()
-        bar = tqdm(range(step0, steps), desc=f'epoch {epoch}', disable=not dd.is_main, dynamic_ncols=True)
+        # repeated augmentation: every video of the total batch goes through the model num_sample times
+        meter = utils.StepMeter(cfg['total_batch'] * cfg['num_sample'])
+        bar = tqdm(range(step0, steps), desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not dd.is_main,
+                   dynamic_ncols=True)
         for step in bar:
             it = epoch * steps + step
-            utils.set_lr(optimizer, utils.cosine_schedule(it, total, warmup, lr, min_lr))
+            step_lr = utils.cosine_schedule(it, total, warmup, lr, min_lr)  # the head's; layer decay scales the rest
+            utils.set_lr(optimizer, step_lr)
+            meter.start_step()
             for micro in range(accum):
-                batch = next(batches)
+                batch = meter.next(batches)
                 failures.update(batch['failed'])
                 video = data.normalize(batch['video'].to(dd.device, non_blocking=True))  # (B, V, 3, T, H, W)
                 # view-major (V*B): the mixing partner (i-1) is another video, never a repeat of the same one
@@ -274,12 +280,14 @@ def train(cfg, dd, model, train_set, val_set, classes, optimizer, scaler, autoca
                     loss = soft_cross_entropy(net(video), soft) / accum
                 (scaler.scale(loss) if scaler else loss).backward()
                 model_loss += loss.item()
+            gnorm = utils.unscaled_grad_norm(optimizer, scaler)           # the whole model's (the recipe does not clip)
             model_loss = utils.all_reduce_mean(model_loss, dd.device)       # every rank stops together
             utils.check_finite(model_loss, it, cfg['output_dir'])           # before the step: no NaN in weights
             utils.optimizer_step(optimizer, scaler)                         # fp16: skips steps with inf grads
-            bar.set_postfix(loss=f'{model_loss:.4f}', lr=f"{optimizer.param_groups[-1]['lr']:.2e}")
-            if it % 10 == 0 or step == steps - 1:
-                log.write(epoch=epoch, step=step, it=it, loss=model_loss, lr=optimizer.param_groups[-1]['lr'])
+            speed = meter.end_step(model_loss)
+            log.write(kind='step', epoch=epoch, step=step, it=it, loss=model_loss, lr=step_lr, grad_norm=gnorm, **speed)
+            bar.set_postfix_str(f"loss {model_loss:.4f} lr {step_lr:.2e} {speed['clips_per_s']:.1f} clips/s",
+                                refresh=False)
             model_loss = 0.0
             if preempt.should_stop(dd.device):
                 save(cfg, dd, model, optimizer, scaler, classes, epoch, step + 1)
@@ -287,12 +295,18 @@ def train(cfg, dd, model, train_set, val_set, classes, optimizer, scaler, autoca
                       'the same command resumes', flush=True)
                 raise SystemExit(0)                                          # pre-emption is a clean exit
         step0 = 0
-        failures.end_epoch(steps * accum * cfg['batch_size'])
+        failures.end_epoch(meter.steps * accum * cfg['batch_size'])
+        if meter.steps:                                  # (none when resumed from a checkpoint at the epoch's end)
+            summary = dict(epoch=epoch + 1, lr=step_lr, **meter.summary())
+            log.write(kind='epoch', **summary)
+            if dd.is_main:
+                tqdm.write(utils.epoch_line(summary, cfg['epochs']))
         if cfg['val_freq'] and ((epoch + 1) % cfg['val_freq'] == 0 or epoch + 1 == cfg['epochs']):
             metrics = run_eval(cfg, dd, model, val_set, classes, autocast, 'val')
             log.write(epoch=epoch, val_top1=metrics['top1'], val_top5=metrics['top5'], val_videos=metrics['videos'])
             if dd.is_main:
-                print(f"epoch {epoch}: val (1 view) top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f}")
+                print(f"epoch {epoch + 1}/{cfg['epochs']}: val (1 view) top-1 {metrics['top1']:.2f} "
+                      f"top-5 {metrics['top5']:.2f}")
         save(cfg, dd, model, optimizer, scaler, classes, epoch + 1, 0)
 
 

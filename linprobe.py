@@ -163,9 +163,32 @@ def clips(cfg, samples, mode):
 
 # ----------------------------------------------------------------------------------------------------
 # Training: only probe.head learns (probe.bn keeps running statistics). Per-iteration cosine lr with
-# linear warm-up; checkpoints at epoch ends and on SIGTERM; exact resume.
+# linear warm-up; checkpoints at epoch ends and on SIGTERM; exact resume. log.jsonl gets pretrain.py's
+# records: one per step (loss, lr, grad_norm of the head, clips_per_s, step_s, data_wait_s), one per epoch.
 
-def fit(cfg, dd, probe, splits, classes, sgd, autocast, start):
+def train_step(net, sgd, scaler, autocast, micro_batches, accum, device, it, output_dir):
+    """One SGD step of the head over the `accum` micro-batches of a total batch (loader batches: video uint8
+    (B, 1, 3, T, H, W), label (B,)) -> (loss averaged over ranks, the head's gradient norm).
+
+    fp16 (scaler not None): the head's matmul runs in half precision, and the gradient of a cross entropy
+    averaged over a big batch ((p - y) / 1024 per logit in Table 11) underflows to 0 there; so the loss is
+    multiplied by the scaler's factor before backward, the head's fp32 gradients are divided by it again
+    before the norm and the step, and a step whose gradients overflowed is skipped (the factor then shrinks)."""
+    total = 0.0
+    for batch in micro_batches:                             # DDP syncs each backward: the head is tiny
+        x = data.normalize(batch['video'].to(device, non_blocking=True).flatten(0, 1))
+        with autocast():
+            loss = F.cross_entropy(net(x).float(), batch['label'].to(device)) / accum
+        (scaler.scale(loss) if scaler else loss).backward()
+        total += loss.item()
+    gnorm = utils.unscaled_grad_norm(sgd, scaler)          # sgd holds the head only: the head's norm
+    total = utils.all_reduce_mean(total, device)
+    utils.check_finite(total, it, output_dir)              # before the step: no NaN reaches the head
+    utils.optimizer_step(sgd, scaler)
+    return total, gnorm
+
+
+def fit(cfg, dd, probe, splits, classes, sgd, scaler, autocast, start):
     train_set, val_set = splits
     accum = utils.accumulation_steps(cfg['total_batch'], cfg['batch_size'], dd.world_size)
     loader = data.make_loader(train_set, cfg['batch_size'], train=True, num_workers=cfg['num_workers'], seed=cfg['seed'])
@@ -181,39 +204,46 @@ def fit(cfg, dd, probe, splits, classes, sgd, autocast, start):
         loader.sampler.set_epoch(epoch, skip=skip * accum * cfg['batch_size'])
         stream = iter(loader)
         net.train()
-        for step in tqdm(range(skip, per_epoch), desc=f'epoch {epoch}', disable=not dd.is_main, dynamic_ncols=True):
+        meter = utils.StepMeter(cfg['total_batch'])         # one clip per video
+        bar = tqdm(range(skip, per_epoch), desc=f"epoch {epoch + 1}/{cfg['epochs']}", disable=not dd.is_main,
+                   dynamic_ncols=True)
+        for step in bar:
             n = epoch * per_epoch + step
-            utils.set_lr(sgd, utils.cosine_schedule(n, cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch, peak, floor))
-            total = 0.0
-            for _ in range(accum):                          # DDP syncs each backward: the head is tiny
-                batch = next(stream)
-                failures.update(batch['failed'])
-                x = data.normalize(batch['video'].to(dd.device, non_blocking=True).flatten(0, 1))
-                with autocast():
-                    loss = F.cross_entropy(net(x).float(), batch['label'].to(dd.device)) / accum
-                loss.backward()
-                total += loss.item()
-            total = utils.all_reduce_mean(total, dd.device)
-            utils.check_finite(total, n, cfg['output_dir'])
-            sgd.step()
-            sgd.zero_grad(set_to_none=True)
-            if n % 10 == 0:
-                jsonl.write(epoch=epoch, step=step, it=n, loss=total, lr=sgd.param_groups[0]['lr'])
+            lr = utils.cosine_schedule(n, cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch, peak, floor)
+            utils.set_lr(sgd, lr)
+            meter.start_step()
+
+            def micro_batches():                            # fetched one at a time: one batch in host memory
+                for _ in range(accum):
+                    batch = meter.next(stream)              # the time blocked on the loader is data wait
+                    failures.update(batch['failed'])
+                    yield batch
+            total, gnorm = train_step(net, sgd, scaler, autocast, micro_batches(), accum, dd.device, n,
+                                      cfg['output_dir'])
+            speed = meter.end_step(total)
+            jsonl.write(kind='step', epoch=epoch, step=step, it=n, loss=total, lr=lr, grad_norm=gnorm, **speed)
+            bar.set_postfix_str(f"loss {total:.4f} lr {lr:.2e} {speed['clips_per_s']:.1f} clips/s", refresh=False)
             if stop.should_stop(dd.device):
-                checkpoint(cfg, dd, probe, sgd, classes, epoch, step + 1)
+                checkpoint(cfg, dd, probe, sgd, scaler, classes, epoch, step + 1)
                 print(f'{stop.requested or "another rank"}: saved at epoch {epoch} step {step + 1}; the same command '
                       'resumes', flush=True)
                 raise SystemExit(0)                                          # pre-emption is a clean exit
-        failures.end_epoch(per_epoch * accum * cfg['batch_size'])
+        failures.end_epoch(meter.steps * accum * cfg['batch_size'])
+        if meter.steps:                                  # (none when resumed from a checkpoint at the epoch's end)
+            summary = dict(epoch=epoch + 1, lr=lr, **meter.summary())
+            jsonl.write(kind='epoch', **summary)
+            if dd.is_main:
+                tqdm.write(utils.epoch_line(summary, cfg['epochs']))
         if cfg['val_freq'] and ((epoch + 1) % cfg['val_freq'] == 0 or epoch + 1 == cfg['epochs']):
             top = score(cfg, dd, probe, val_set, classes, autocast, 'val')
             jsonl.write(epoch=epoch, val_top1=top['top1'], val_top5=top['top5'])
-        checkpoint(cfg, dd, probe, sgd, classes, epoch + 1, 0)
+        checkpoint(cfg, dd, probe, sgd, scaler, classes, epoch + 1, 0)
 
 
-def checkpoint(cfg, dd, probe, sgd, classes, epoch, step_in_epoch):
-    """The whole probe (encoder included: a probe checkpoint evaluates on its own); only the latest is kept."""
-    state = utils.training_state('linprobe', probe, cfg, epoch, step_in_epoch, sgd, None, classes)
+def checkpoint(cfg, dd, probe, sgd, scaler, classes, epoch, step_in_epoch):
+    """The whole probe (encoder included: a probe checkpoint evaluates on its own) and the fp16 loss scale;
+    only the latest is kept."""
+    state = utils.training_state('linprobe', probe, cfg, epoch, step_in_epoch, sgd, scaler, classes)
     if dd.is_main:
         old = utils.latest_checkpoint(cfg['output_dir'])
         utils.save_checkpoint(os.path.join(cfg['output_dir'], utils.checkpoint_name(epoch, step_in_epoch)), state)
@@ -244,12 +274,13 @@ def main(argv=None):
     os.makedirs(cfg['output_dir'], exist_ok=True)
     train_samples, classes = data.load_split(cfg['dataset'], cfg['data_path'], 'train', fold=cfg['fold'])
     probe = build_probe(cfg, len(classes)).to(dd.device)
-    autocast, _, precision = utils.amp_setup(dd.device, cfg['precision'])
+    # fp16 (a GPU without bf16, or --precision fp16) comes with a loss scaler: train_step uses it, checkpoints keep it
+    autocast, scaler, precision = utils.amp_setup(dd.device, cfg['precision'])
     # Only the linear layer is optimised: the encoder has no gradient and no optimizer state.
     sgd = torch.optim.SGD(probe.head.parameters(), lr=cfg['lr'], momentum=cfg['momentum'], weight_decay=cfg['weight_decay'])
     resume, start = utils.resolve_resume(cfg['resume'], cfg['output_dir']), (0, 0)
     if resume:
-        state = utils.resume_training(resume, 'linprobe', probe, sgd, None, dd.rank)
+        state = utils.resume_training(resume, 'linprobe', probe, sgd, scaler, dd.rank)
         start = (state['epoch'], state['step_in_epoch'])
     elif cfg['eval']:
         raise SystemExit(f"error: --eval needs a trained probe: --resume CHECKPOINT or one in {cfg['output_dir']}")
@@ -261,7 +292,8 @@ def main(argv=None):
             json.dump(cfg, f, indent=1)
     if not cfg['eval'] and start[0] < cfg['epochs']:
         val_samples, _ = data.load_split(cfg['dataset'], cfg['data_path'], 'val', fold=cfg['fold'])
-        fit(cfg, dd, probe, (clips(cfg, train_samples, 'train'), clips(cfg, val_samples, 'val')), classes, sgd, autocast, start)
+        fit(cfg, dd, probe, (clips(cfg, train_samples, 'train'), clips(cfg, val_samples, 'val')), classes, sgd, scaler,
+            autocast, start)
     test_samples, _ = data.load_split(cfg['dataset'], cfg['data_path'], 'test', fold=cfg['fold'])
     title = f"test ({cfg['test_clips']} clips x {cfg['test_crops']} crops)"
     top = score(cfg, dd, probe, clips(cfg, test_samples, 'test'), classes, autocast, title, os.path.join(cfg['output_dir'], 'test'))

@@ -14,7 +14,6 @@ import argparse
 import json
 import os
 import signal
-import time
 from contextlib import nullcontext
 
 import torch
@@ -304,16 +303,15 @@ def train(cfg, dist_info):
         loader.sampler.set_epoch(epoch, skip=first * accum * cfg['batch_size'])   # skip what a resumed run saw
         batches = iter(loader)
         raw.train()
-        sums = dict(loss=0.0, steps=0, wait=0.0, time=0.0)
+        meter = utils.StepMeter(cfg['total_batch'])            # step time, data wait, clips/s
         for step in range(first, steps_per_epoch):            # guard: never the loader's extra batch (official bug)
             it = epoch * steps_per_epoch + step
             lr = lr_at(cfg, it, steps_per_epoch)
             utils.set_lr(optimizer, lr)
-            t0, wait, loss_sum = time.perf_counter(), 0.0, 0.0
+            meter.start_step()
+            loss_sum = 0.0
             for micro in range(accum):
-                tw = time.perf_counter()
-                batch = next(batches)
-                wait += time.perf_counter() - tw
+                batch = meter.next(batches)
                 failures.update(batch['failed'])
                 video = batch['video'].to(device, non_blocking=True).flatten(0, 1)   # (B, 3, T, H, W) uint8
                 video = data.normalize(video)                                        # float32, ImageNet stats
@@ -328,22 +326,14 @@ def train(cfg, dist_info):
                     loss = videomae.pretrain_loss(pred, video, mask, p, t, cfg['normalize_target'])
                     (scaler.scale(loss / accum) if scaler else loss / accum).backward()
                 loss_sum += loss.item() / accum
-            if scaler:
-                scaler.unscale_(optimizer)
-            params = [q for g in optimizer.param_groups for q in g['params']]
-            gnorm = (torch.nn.utils.clip_grad_norm_(params, cfg['clip_grad']).item() if cfg['clip_grad']
-                     else utils.grad_norm(params))
+            gnorm = utils.unscaled_grad_norm(optimizer, scaler, cfg['clip_grad'])   # before clipping
             loss_value = utils.all_reduce_mean(loss_sum, device)          # same value on every rank
             utils.check_finite(loss_value, it, cfg['output_dir'])      # stop before a NaN reaches the weights
             utils.optimizer_step(optimizer, scaler)
-            dt = time.perf_counter() - t0
-            for key, value in (('loss', loss_value), ('steps', 1), ('wait', wait), ('time', dt)):
-                sums[key] += value
-            clips_s = cfg['total_batch'] / dt
-            log.write(kind='step', epoch=epoch, step=step, it=it, loss=loss_value, lr=lr, grad_norm=gnorm,
-                      clips_per_s=round(clips_s, 2), step_s=round(dt, 4), data_wait_s=round(wait, 4))
-            bar.set_postfix_str(f'ep {epoch + 1}/{cfg["epochs"]} loss {loss_value:.4f} lr {lr:.2e} {clips_s:.1f} clips/s',
-                                refresh=False)
+            speed = meter.end_step(loss_value)
+            log.write(kind='step', epoch=epoch, step=step, it=it, loss=loss_value, lr=lr, grad_norm=gnorm, **speed)
+            bar.set_postfix_str(f'ep {epoch + 1}/{cfg["epochs"]} loss {loss_value:.4f} lr {lr:.2e} '
+                                f'{speed["clips_per_s"]:.1f} clips/s', refresh=False)
             bar.update(1)
             if step + 1 < steps_per_epoch and preempt.should_stop(device):   # pre-empted mid-epoch
                 path = save(cfg, raw, optimizer, scaler, epoch, step + 1, classes, dist_info)
@@ -351,14 +341,11 @@ def train(cfg, dist_info):
                 if dist_info.is_main:
                     print(f'{preempt.requested or "stop"}: saved {path}; rerun the same command to resume', flush=True)
                 return None
-        failures.end_epoch(sums['steps'] * cfg['total_batch'] // dist_info.world_size)
-        summary = dict(epoch=epoch + 1, loss=sums['loss'] / max(sums['steps'], 1), lr=lr,
-                       clips_per_s=round(sums['steps'] * cfg['total_batch'] / max(sums['time'], 1e-9), 2),
-                       data_wait=round(sums['wait'] / max(sums['time'], 1e-9), 3), epoch_s=round(sums['time'], 2))
+        failures.end_epoch(meter.steps * cfg['total_batch'] // dist_info.world_size)
+        summary = dict(epoch=epoch + 1, lr=lr, **meter.summary())
         log.write(kind='epoch', **summary)
         if dist_info.is_main:
-            bar.write(f'epoch {epoch + 1}/{cfg["epochs"]}  loss {summary["loss"]:.4f}  lr {lr:.3g}  '
-                      f'{summary["clips_per_s"]} clips/s  waiting for data {summary["data_wait"]:.0%}')
+            bar.write(utils.epoch_line(summary, cfg['epochs']))
         path = save(cfg, raw, optimizer, scaler, epoch + 1, 0, classes, dist_info)
         if (epoch + 1) % cfg['save_ckpt_freq'] == 0 or epoch + 1 == cfg['epochs']:
             if dist_info.is_main:

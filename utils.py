@@ -199,6 +199,19 @@ def grad_norm(parameters):
     return torch.stack(grads).norm().item() if grads else 0.0
 
 
+def unscaled_grad_norm(optimizer, scaler, max_norm=None):
+    """L2 norm of the gradients of all the optimiser's parameters, in true units: an fp16 GradScaler's factor
+    is divided out first (unscale_; scaler.step then does not divide again), so the logged norm means the
+    same at every precision. With max_norm the gradients are clipped to it; the norm returned is the one
+    before clipping (what clip_grad_norm_ returns). inf/nan when an fp16 step overflowed (the scaler skips it)."""
+    if scaler is not None:
+        scaler.unscale_(optimizer)
+    params = [p for g in optimizer.param_groups for p in g['params']]
+    if max_norm:
+        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
+    return grad_norm(params)
+
+
 # ----------------------------------------------------------------------------------------------------
 # Mixed precision.
 
@@ -341,6 +354,56 @@ class JsonlLog:
             record.setdefault('time', round(time.time(), 3))
             with open(self.path, 'a') as f:
                 f.write(json.dumps(record) + '\n')
+
+
+class StepMeter:
+    """Speed of a training loop, measured the same way in every stage. Per optimiser step: the wall time
+    (step_s), the part of it the main process sat blocked in next(loader) (data_wait_s) and clips/s; per
+    epoch: the mean loss, clips/s and the share of the time spent waiting for data (near 0: the model is the
+    bottleneck; large: more --num_workers or faster storage would help).
+
+    clips_per_step: clips through the model per optimiser step, all ranks together (total batch x clips
+    per video). One meter per epoch: per step start_step(), batch = meter.next(batches) for every
+    micro-batch, end_step(loss) after the optimiser step -> the step's log fields; summary() at the end."""
+
+    def __init__(self, clips_per_step):
+        self.clips_per_step = clips_per_step
+        self.steps, self.loss_sum, self.wait_sum, self.time_sum = 0, 0.0, 0.0, 0.0
+
+    def start_step(self):
+        self.t0, self.wait = time.perf_counter(), 0.0
+
+    def next(self, batches):
+        """next(batches), timing how long the loader kept the step waiting."""
+        t = time.perf_counter()
+        batch = next(batches)
+        self.wait += time.perf_counter() - t
+        return batch
+
+    def end_step(self, loss):
+        """Call after the optimiser step (the loss .item() calls have synchronised the GPU, so the time is
+        the step's, not the launch's). Returns dict(clips_per_s, step_s, data_wait_s) for the step record."""
+        dt = time.perf_counter() - self.t0
+        self.steps += 1
+        self.loss_sum += loss
+        self.wait_sum += self.wait
+        self.time_sum += dt
+        return dict(clips_per_s=round(self.clips_per_step / dt, 2), step_s=round(dt, 4),
+                    data_wait_s=round(self.wait, 4))
+
+    def summary(self):
+        """The steps of this epoch: dict(loss (mean), clips_per_s, data_wait (share of the time), epoch_s)."""
+        t = max(self.time_sum, 1e-9)
+        return dict(loss=self.loss_sum / max(self.steps, 1),
+                    clips_per_s=round(self.steps * self.clips_per_step / t, 2),
+                    data_wait=round(self.wait_sum / t, 3), epoch_s=round(self.time_sum, 2))
+
+
+def epoch_line(summary, epochs):
+    """The one line every stage prints at an epoch end; summary: StepMeter.summary() plus epoch (epochs
+    done, 1-based) and lr."""
+    return (f'epoch {summary["epoch"]}/{epochs}  loss {summary["loss"]:.4f}  lr {summary["lr"]:.3g}  '
+            f'{summary["clips_per_s"]} clips/s  waiting for data {summary["data_wait"]:.0%}')
 
 
 # ----------------------------------------------------------------------------------------------------
