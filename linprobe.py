@@ -5,8 +5,8 @@ The encoder never changes: requires_grad False, no optimizer state, torch.no_gra
 (no drop path, no dropout). Its tokens are mean-pooled (forward_features(...).mean(1)), normalised by a
 BatchNorm1d without affine parameters, and a single linear layer is trained with SGD.
 
-  python linprobe.py --checkpoint runs/pretrain-synthetic/checkpoint-00008.pth   # synthetic data, CPU
-  python linprobe.py --checkpoint runs/pretrain-synthetic/checkpoint-00008.pth --random_init
+  python linprobe.py --checkpoint runs/pretrain-synthetic/checkpoint-00030.pth   # synthetic data, CPU
+  python linprobe.py --checkpoint runs/pretrain-synthetic/checkpoint-00030.pth --random_init
       # the baseline: the same encoder shape, random weights (also: no --checkpoint at all)
   torchrun --nproc_per_node=8 linprobe.py --dataset ssv2 --data_path /data/ssv2 --checkpoint vit_b_ssv2_pretrain.pth
   python linprobe.py --eval --resume runs/linprobe-ssv2/checkpoint-00100.pth     # the test protocol only
@@ -44,8 +44,8 @@ RECIPES = {
     # Not in the paper: pretrain.py's tiny synthetic model on CPU in minutes. Table 11 except a batch
     # the 320 training videos can fill (lr scaled with it), 5 epochs with 1 of warm-up, one test crop (the
     # frames are square: three crops along the long side would coincide).
-    'synthetic': dict(TABLE11, size='small', embed_dim=192, depth=6, num_heads=3, patch_size=8, num_frames=16,
-                      input_size=64, short_side=64, sampling='dense', sampling_rate=2, total_batch=32,
+    'synthetic': dict(TABLE11, size='small', embed_dim=128, depth=4, num_heads=4, patch_size=8, num_frames=8,
+                      input_size=64, short_side=64, sampling='dense', sampling_rate=4, total_batch=32,
                       batch_size=32, epochs=5, warmup_epochs=1, test_clips=2, test_crops=1),
 }
 RECIPES['list'] = RECIPES['k400']                    # your own list file: the Kinetics row
