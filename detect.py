@@ -21,7 +21,6 @@ import math
 import os
 import shutil
 import tempfile
-import time
 from collections import defaultdict
 from contextlib import nullcontext
 
@@ -708,6 +707,9 @@ def evaluate(detector, loader, cfg, names, val_gt, excluded, device, autocast, t
 
 
 def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
+    """The loop: per-iteration cosine lr, gradient accumulation to total_batch, checkpoints at every epoch end
+    and on SIGTERM (then returns False). log.jsonl gets finetune.py's records: one per step (loss, lr, grad_norm,
+    clips_per_s, step_s, data_wait_s), one per epoch (also printed as utils.epoch_line)."""
     device, bs = d.device, cfg['batch_size']
     autocast, scaler, prec = utils.amp_setup(device, cfg['precision'])
     accum = utils.accumulation_steps(cfg['total_batch'], bs, d.world_size)
@@ -746,42 +748,48 @@ def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
                 os.remove(old)                                     # keep every 10th epoch and the latest
 
     for epoch in range(start_epoch, cfg['epochs']):
-        step = start_step if epoch == start_epoch else 0
-        loader.sampler.set_epoch(epoch, skip=step * accum * bs)
+        step0 = start_step if epoch == start_epoch else 0
+        loader.sampler.set_epoch(epoch, skip=step0 * accum * bs)
+        batches = iter(loader)                  # leftovers that cannot fill a step are never drawn
         net.train()
-        failures, micro, t0 = data.FailureLog(), 0, time.time()
-        bar = tqdm(loader, desc=f'epoch {epoch + 1}/{cfg["epochs"]}', disable=not d.is_main, dynamic_ncols=True,
-                   total=(steps_per_epoch - step) * accum)
-        for batch in bar:
-            if step >= steps_per_epoch:                            # leftovers that cannot fill a step
-                break
-            failures.update(batch['failed'])
-            if micro == 0:
-                utils.set_lr(opt, utils.cosine_schedule(epoch * steps_per_epoch + step, total, warmup, lr, min_lr))
-            video = data.normalize(batch['video'].to(device, non_blocking=True))
-            boxes = [b.to(device, non_blocking=True) for b in batch['boxes']]
-            sync = micro == accum - 1
-            with (net.no_sync() if d.world_size > 1 and not sync else nullcontext()):
-                with autocast():
-                    loss = detection_loss(net(video, boxes), batch['labels'].to(device)) / accum
-                (scaler.scale(loss) if scaler else loss).backward()
-            micro += 1
-            if not sync:
-                continue
-            utils.optimizer_step(opt, scaler)
-            micro, step = 0, step + 1
-            value = utils.all_reduce_mean(loss.item() * accum, device)
-            utils.check_finite(value, epoch * steps_per_epoch + step, cfg['output_dir'])
-            bar.set_postfix(loss=f'{value:.4f}', lr=f"{opt.param_groups[-1]['lr']:.2e}")
-            log.write(epoch=epoch, step=step, loss=value, lr=opt.param_groups[-1]['lr'])
+        failures, meter = data.FailureLog(), utils.StepMeter(cfg['total_batch'])   # one clip per keyframe
+        bar = tqdm(range(step0, steps_per_epoch), desc=f'epoch {epoch + 1}/{cfg["epochs"]}', disable=not d.is_main,
+                   dynamic_ncols=True)
+        for step in bar:
+            it = epoch * steps_per_epoch + step
+            step_lr = utils.cosine_schedule(it, total, warmup, lr, min_lr)   # the head's; layer decay scales the rest
+            utils.set_lr(opt, step_lr)
+            meter.start_step()
+            value = 0.0
+            for micro in range(accum):
+                batch = meter.next(batches)
+                failures.update(batch['failed'])
+                video = data.normalize(batch['video'].to(device, non_blocking=True))
+                boxes = [b.to(device, non_blocking=True) for b in batch['boxes']]
+                sync = micro == accum - 1                          # DDP all-reduces the gradients once per step
+                with (net.no_sync() if d.world_size > 1 and not sync else nullcontext()):
+                    with autocast():
+                        loss = detection_loss(net(video, boxes), batch['labels'].to(device)) / accum
+                    (scaler.scale(loss) if scaler else loss).backward()
+                value += loss.item()                               # the step's loss: mean over micro-batches
+            gnorm = utils.unscaled_grad_norm(opt, scaler)         # the whole model's (the recipe does not clip)
+            utils.optimizer_step(opt, scaler)                      # fp16: skips steps with inf grads
+            value = utils.all_reduce_mean(value, device)
+            utils.check_finite(value, it + 1, cfg['output_dir'])
+            speed = meter.end_step(value)
+            log.write(kind='step', epoch=epoch, step=step, it=it, loss=value, lr=step_lr, grad_norm=gnorm, **speed)
+            bar.set_postfix_str(f"loss {value:.4f} lr {step_lr:.2e} {speed['clips_per_s']:.1f} clips/s", refresh=False)
             if pre.should_stop(device):
-                save(epoch, step)
+                save(epoch, step + 1)
                 print(f'stopped by {pre.requested or "another rank"}; resume with the same command')
                 return False
-        failures.end_epoch(steps_per_epoch * accum * bs)
+        failures.end_epoch(meter.steps * accum * bs)               # the samples this run saw (resume: the rest)
+        if meter.steps:                                  # (none when resumed from a checkpoint at the epoch's end)
+            summary = dict(epoch=epoch + 1, lr=step_lr, **meter.summary())
+            log.write(kind='epoch', **summary)
+            if d.is_main:
+                tqdm.write(utils.epoch_line(summary, cfg['epochs']))
         save(epoch + 1, 0)
-        if d.is_main:
-            print(f'epoch {epoch + 1}: {time.time() - t0:.0f} s')
         if cfg['eval_every'] and (epoch + 1) % cfg['eval_every'] == 0 and epoch + 1 < cfg['epochs']:
             m = evaluate(detector, val_loader, cfg, names, val_gt, excluded, device, autocast, f'epoch{epoch + 1}')
             log.write(epoch=epoch + 1, mAP=m)

@@ -1,6 +1,7 @@
 """Tiny training and evaluation on a small synthetic AVA-layout set (real JPEG frames, CSV, pbtxt) on CPU:
 outputs, resume, evaluation-only, the submission CSV read back by the evaluator, DDP with torchrun."""
 import json
+import math
 import os
 import re
 import subprocess
@@ -35,6 +36,20 @@ def test_train_resume_evaluate(ava, tmp_path, capsys):
     detect.main(args + ['--epochs', '2'])                          # resumes the finished epoch, trains one more
     text = capsys.readouterr().out
     assert 'resumed from' in text and 'checkpoint-00001.pth' in text
+    # finetune.py's training log: a summary line per epoch trained (none again for the resumed, finished one)
+    assert 'epoch 1/1  loss' in first and 'clips/s  waiting for data' in first
+    assert 'epoch 2/2  loss' in text and 'epoch 1/' not in text
+    with open(os.path.join(out, 'log.jsonl')) as f:
+        log = [json.loads(line) for line in f]
+    steps_per_epoch = int(re.search(r'(\d+) steps/epoch x 1 accumulation', first).group(1))
+    steps = [r for r in log if r.get('kind') == 'step']
+    assert [(r['epoch'], r['step']) for r in steps] == [(e, s) for e in (0, 1) for s in range(steps_per_epoch)]
+    for r in steps:                        # one record per optimiser step: loss, lr, grad norm, speed, data wait
+        assert all(math.isfinite(r[k]) for k in ('loss', 'lr', 'grad_norm', 'clips_per_s', 'step_s', 'data_wait_s')), r
+        assert r['grad_norm'] > 0 and 0 <= r['data_wait_s'] <= r['step_s']
+        assert r['clips_per_s'] == pytest.approx(4 / r['step_s'], rel=0.01), r     # --total_batch 4 clips a step
+    epochs = [r for r in log if r.get('kind') == 'epoch']
+    assert [r['epoch'] for r in epochs] == [1, 2] and all(0 <= r['data_wait'] <= 1 for r in epochs)
     ck = detect.utils.load_state(os.path.join(out, 'checkpoint-00002.pth'))
     assert ck['stage'] == 'detect' and ck['epoch'] == 2 and ck['config']['epochs'] == 2
     assert set(ck['model']) >= {'norm.weight', 'head.weight'} and not any(k.startswith('module.') for k in ck['model'])
@@ -51,7 +66,7 @@ def test_train_resume_evaluate(ava, tmp_path, capsys):
     assert mAP(capsys.readouterr().out) == pytest.approx(trained, abs=0.5)
     detect.main(args + ['--eval', '--max_dets', '2'])             # evaluation only, from the latest checkpoint
     text = capsys.readouterr().out
-    assert 'evaluating' in text and 'top 2 detections per keyframe' in text
+    assert 'evaluating' in text and 'top 2 detections per keyframe' in text and 'waiting for data' not in text
 
 
 def test_bad_inputs_name_the_file(ava, tmp_path):
