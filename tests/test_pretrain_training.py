@@ -4,6 +4,7 @@ torchrun processes (gloo) hold identical weights; --visualize writes pictures; t
 classifier that finetune.py / linprobe.py build."""
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -175,3 +176,16 @@ def test_non_finite_loss_stops_with_a_clear_message(dataset, tmp_path):
     assert p.returncode == 1
     assert 'error: the loss is' in p.stderr and 'stopping' in p.stderr
     assert not [f for f in os.listdir(tmp_path) if f.endswith('.pth')]
+
+
+@pytest.mark.skipif(not (shutil.which('cc') or shutil.which('gcc') or shutil.which('g++')),
+                    reason='torch.compile on CPU needs a C++ compiler')
+def test_compile_trains_like_eager_and_saves_plain_weights(dataset, reference, tmp_path):
+    # --compile must not change the maths (same first-epoch losses as the eager reference, to float tolerance)
+    # nor the checkpoint: keys without torch.compile's '_orig_mod.' prefix, loadable by the eager model.
+    run(tmp_path, '--data_path', dataset, '--compile', '--epochs', '4', '--save_ckpt_freq', '4')
+    steps = lambda d: [r['loss'] for r in map(json.loads, open(d / 'log.jsonl')) if r['kind'] == 'step'][:4]
+    np.testing.assert_allclose(steps(tmp_path), steps(reference), rtol=1e-3)
+    state = weights(tmp_path / 'checkpoint-00004.pth')
+    assert state.keys() == weights(reference / 'checkpoint-00004.pth').keys()
+    assert not any('_orig_mod' in k for k in state)
