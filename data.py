@@ -466,12 +466,15 @@ def _worker_init(_):
 
 def make_loader(dataset, batch_size, *, train, num_workers, seed=0, drop_last=None, collate_fn=None):
     """DataLoader over an EpochSampler (shuffled when train). Call loader.sampler.set_epoch(epoch, skip)
-    every epoch. Items are collated to video (B, V, 3, T, S, S) uint8, label (B,), index (B,), failed (list)."""
+    every epoch. Items are collated to video (B, V, 3, T, S, S) uint8, label (B,), index (B,), failed (list).
+    The loader gets its own generator: each iter() draws a worker base seed, and from the global RNG that draw
+    would shift every later random number of the training loop (drop path), so a resumed run would differ."""
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle=train, seed=seed),
         num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=train if drop_last is None
         else drop_last, persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers > 0 else None,
-        worker_init_fn=_worker_init if num_workers > 0 else None, collate_fn=collate_fn)
+        worker_init_fn=_worker_init if num_workers > 0 else None, collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed))
 
 
 # ----------------------------------------------------------------------------------------------------

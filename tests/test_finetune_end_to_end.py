@@ -201,3 +201,10 @@ def test_sigterm_saves_a_mid_epoch_checkpoint_exits_0_and_the_same_command_resum
     assert 'the same command resumes' in out
     p = run('finetune.py', *args)
     assert 'resumed' in p.stdout and json.load(open(tmp_path / 'test-results.json'))['videos'] == 8
+    # the resumed run ends with the weights of an uninterrupted one, bit for bit (drop path 0.2 and mixup
+    # draw from the restored RNG; starting the data loader must not draw from it)
+    whole = tmp_path / 'uninterrupted'
+    run('finetune.py', *args[:7], str(whole), *args[8:])
+    final = lambda d: torch.load(sorted(d.glob('checkpoint-00001*.pth'))[-1], weights_only=True)['model']
+    a, b = final(tmp_path), final(whole)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
