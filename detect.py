@@ -709,7 +709,7 @@ def evaluate(detector, loader, cfg, names, val_gt, excluded, device, autocast, t
 def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
     """The loop: per-iteration cosine lr, gradient accumulation to total_batch, checkpoints at every epoch end
     and on SIGTERM (then returns False). log.jsonl gets finetune.py's records: one per step (loss, lr, grad_norm,
-    clips_per_s, step_s, data_wait_s), one per epoch (also printed as utils.epoch_line)."""
+    clips_per_s, step_s, data_wait_s), one per epoch (utils.log_epoch, which also prints it)."""
     device, bs = d.device, cfg['batch_size']
     autocast, scaler, prec = utils.amp_setup(device, cfg['precision'])
     accum = utils.accumulation_steps(cfg['total_batch'], bs, d.world_size)
@@ -784,11 +784,7 @@ def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
                 print(f'stopped by {pre.requested or "another rank"}; resume with the same command')
                 return False
         failures.end_epoch(meter.steps * accum * bs)               # the samples this run saw (resume: the rest)
-        if meter.steps:                                  # (none when resumed from a checkpoint at the epoch's end)
-            summary = dict(epoch=epoch + 1, lr=step_lr, **meter.summary())
-            log.write(kind='epoch', **summary)
-            if d.is_main:
-                tqdm.write(utils.epoch_line(summary, cfg['epochs']))
+        utils.log_epoch(meter, log, d.is_main, epoch, step_lr, cfg['epochs'])
         save(epoch + 1, 0)
         if cfg['eval_every'] and (epoch + 1) % cfg['eval_every'] == 0 and epoch + 1 < cfg['epochs']:
             m = evaluate(detector, val_loader, cfg, names, val_gt, excluded, device, autocast, f'epoch{epoch + 1}')

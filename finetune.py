@@ -296,11 +296,7 @@ def train(cfg, dd, model, train_set, val_set, classes, optimizer, scaler, autoca
                 raise SystemExit(0)                                          # pre-emption is a clean exit
         step0 = 0
         failures.end_epoch(meter.steps * accum * cfg['batch_size'])
-        if meter.steps:                                  # (none when resumed from a checkpoint at the epoch's end)
-            summary = dict(epoch=epoch + 1, lr=step_lr, **meter.summary())
-            log.write(kind='epoch', **summary)
-            if dd.is_main:
-                tqdm.write(utils.epoch_line(summary, cfg['epochs']))
+        utils.log_epoch(meter, log, dd.is_main, epoch, step_lr, cfg['epochs'])
         if cfg['val_freq'] and ((epoch + 1) % cfg['val_freq'] == 0 or epoch + 1 == cfg['epochs']):
             metrics = run_eval(cfg, dd, model, val_set, classes, autocast, 'val')
             log.write(epoch=epoch, val_top1=metrics['top1'], val_top5=metrics['top5'], val_videos=metrics['videos'])

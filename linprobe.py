@@ -229,11 +229,7 @@ def fit(cfg, dd, probe, splits, classes, sgd, scaler, autocast, start):
                       'resumes', flush=True)
                 raise SystemExit(0)                                          # pre-emption is a clean exit
         failures.end_epoch(meter.steps * accum * cfg['batch_size'])
-        if meter.steps:                                  # (none when resumed from a checkpoint at the epoch's end)
-            summary = dict(epoch=epoch + 1, lr=lr, **meter.summary())
-            jsonl.write(kind='epoch', **summary)
-            if dd.is_main:
-                tqdm.write(utils.epoch_line(summary, cfg['epochs']))
+        utils.log_epoch(meter, jsonl, dd.is_main, epoch, lr, cfg['epochs'])
         if cfg['val_freq'] and ((epoch + 1) % cfg['val_freq'] == 0 or epoch + 1 == cfg['epochs']):
             top = score(cfg, dd, probe, val_set, classes, autocast, 'val')
             jsonl.write(epoch=epoch, val_top1=top['top1'], val_top5=top['top5'])

@@ -346,10 +346,7 @@ def train(cfg, dist_info):
                     print(f'{preempt.requested or "stop"}: saved {path}; rerun the same command to resume', flush=True)
                 return None
         failures.end_epoch(meter.steps * cfg['total_batch'] // dist_info.world_size)
-        summary = dict(epoch=epoch + 1, lr=lr, **meter.summary())
-        log.write(kind='epoch', **summary)
-        if dist_info.is_main:
-            bar.write(utils.epoch_line(summary, cfg['epochs']))
+        utils.log_epoch(meter, log, dist_info.is_main, epoch, lr, cfg['epochs'])
         path = save(cfg, raw, optimizer, scaler, epoch + 1, 0, classes, dist_info)
         if (epoch + 1) % cfg['save_ckpt_freq'] == 0 or epoch + 1 == cfg['epochs']:
             if dist_info.is_main:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 import torch.distributed as dist
+from tqdm import tqdm
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -399,11 +400,17 @@ class StepMeter:
                     data_wait=round(self.wait_sum / t, 3), epoch_s=round(self.time_sum, 2))
 
 
-def epoch_line(summary, epochs):
-    """The one line every stage prints at an epoch end; summary: StepMeter.summary() plus epoch (epochs
-    done, 1-based) and lr."""
-    return (f'epoch {summary["epoch"]}/{epochs}  loss {summary["loss"]:.4f}  lr {summary["lr"]:.3g}  '
-            f'{summary["clips_per_s"]} clips/s  waiting for data {summary["data_wait"]:.0%}')
+def log_epoch(meter, log, is_main, epoch, lr, epochs):
+    """End of epoch `epoch` (0-based), the same in every stage: an 'epoch' record in log.jsonl (epochs done,
+    lr, StepMeter.summary()) and one printed line above the progress bar. Nothing when no step ran (a run
+    resumed from a checkpoint taken at the epoch's end)."""
+    if not meter.steps:
+        return
+    s = dict(epoch=epoch + 1, lr=lr, **meter.summary())
+    log.write(kind='epoch', **s)
+    if is_main:
+        tqdm.write(f'epoch {s["epoch"]}/{epochs}  loss {s["loss"]:.4f}  lr {s["lr"]:.3g}  '
+                   f'{s["clips_per_s"]} clips/s  waiting for data {s["data_wait"]:.0%}')
 
 
 # ----------------------------------------------------------------------------------------------------
