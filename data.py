@@ -696,85 +696,70 @@ def load_split(dataset, data_path, split, fold=1):
 
 
 # ----------------------------------------------------------------------------------------------------
-# 7. The built-in synthetic dataset: motions that no single frame reveals, on drifting textures.
+# 7. The built-in synthetic dataset: motions that no single frame reveals.
 # ----------------------------------------------------------------------------------------------------
 SYNTHETIC_CLASSES = ['MoveLeft', 'MoveRight', 'MoveUp', 'MoveDown', 'RotateClockwise',
                      'RotateCounterClockwise', 'Approach', 'Recede']
+_SHAPES = [  # (u, v, |u|, |v|) in the shape's own frame, radius 1 -> mask; asymmetric so that rotation shows
+    lambda u, v, au, av: (v >= -0.7) & (v <= 1) & (au <= (1 - v) * 0.6),                          # triangle
+    lambda u, v, au, av: ((u >= -1) & (u <= -0.4) & (av <= 1)) | ((v >= 0.4) & (v <= 1) & (au <= 1)),  # L
+    lambda u, v, au, av: ((v >= -1) & (v <= -0.5) & (au <= 1)) | ((au <= 0.3) & (av <= 1)),       # T
+    lambda u, v, au, av: (u * u + v * v <= 1) & (v >= 0),                                         # half disc
+    lambda u, v, au, av: (np.maximum(au, av) <= 1) & ~((u > 0.1) & (v > 0.1)),                    # notched square
+]
 
 
-def _render(rng, cls, F, S):
-    """One video (F, S, S, 3) uint8 of class `cls`. Everything lives on a torus (wrap-around) so that object
-    position, background and colour are distributed the same in every class: only motion tells them apart."""
+def _render(rng, cls, F, S, num_shapes=6):
+    """One video (F, S, S, 3) uint8 of class `cls`: num_shapes striped shapes on a flat grey background, all
+    doing the class's motion (each about its own centre for rotation and scale). Everything lives on a torus
+    (wrap-around), so position, size, colour and pose are distributed alike in every class: only motion tells
+    the classes apart. Why this design (v5), measured (README, "Does pre-training help?"): every shape carries
+    the class, so most cubes hold motion evidence; the background is flat, so the reconstruction loss is spent
+    on the moving shapes rather than on interpolating a background; v4's single shape on strong drifting
+    colour waves was learnt by neither a from-scratch ViT nor pre-training in CPU minutes."""
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
-    # Background: two smooth, strong colour waves (one cycle per frame, amplitude 50-90 grey levels per
-    # channel) drifting on a random walk (camera-like motion, class-independent). Both properties are
-    # measured requirements of the reconstruction task at CPU scale: inside an 8x8 cube the background is
-    # a clear gradient (per-cube std ~16 levels) that the visible neighbours predict. With weak contrast
-    # (v3: 4-12 levels) or finer waves (2+ cycles per frame) a tiny model stays on the predict-the-mean
-    # plateau for thousands of steps (README, "Does pre-training help?").
-    K = 2
-    freq = rng.choice([-1, 1], (K, 2))
-    amp = rng.uniform(50, 90, (K, 3)) * rng.choice([-1, 1], (K, 3))
-    phase = rng.uniform(0, 2 * np.pi, K)
-    drift = np.cumsum(rng.uniform(-0.8, 0.8, 2) + rng.normal(0, 0.3, (F, 2)), axis=0)
-    ax = (2 * np.pi / S * freq[:, 0, None, None] * (np.arange(S) - drift[None, :, 0, None])).astype(np.float32)
-    ay = (2 * np.pi / S * freq[:, 1, None, None] * (np.arange(S) - drift[None, :, 1, None])
-          + phase[:, None, None]).astype(np.float32)  # (K, F, S) phases along x and y
-    # cos(a + b) = cos a cos b - sin a sin b: separable in x and y, then one (3, K) @ (K, F*S*S) product
-    waves = (np.cos(ay)[:, :, :, None] * np.cos(ax)[:, :, None, :] -
-             np.sin(ay)[:, :, :, None] * np.sin(ax)[:, :, None, :])  # (K, F, S, S)
-    bg = (amp.T.astype(np.float32) @ waves.reshape(K, -1)).T.reshape(F, S, S, 3) + 127.5
-    # Object: one of 5 asymmetric shapes (rotation is visible), painted with stripes fixed to the shape (so
-    # its pose shows inside it, not only at its edge) in two random colours; random size, place, speed.
-    shape = rng.integers(0, 5)
-    colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)
-    c0, theta0 = rng.uniform(0, S, 2), rng.uniform(0, 2 * np.pi)
-    speed, omega = rng.uniform(0.6, 1.1), np.deg2rad(rng.uniform(3, 6))
-    r = np.full(F, rng.uniform(10, 15), np.float32)
-    centre = np.broadcast_to(c0, (F, 2)).copy()
-    theta = np.full(F, theta0, np.float32)
-    name = SYNTHETIC_CLASSES[cls]
-    if name.startswith('Move'):
-        d = {'MoveLeft': (-1, 0), 'MoveRight': (1, 0), 'MoveUp': (0, -1), 'MoveDown': (0, 1)}[name]
-        centre += np.outer(np.arange(F), d) * speed
-    elif name.startswith('Rotate'):
-        theta += (1 if name == 'RotateClockwise' else -1) * omega * np.arange(F)  # y points down: +angle = cw
-    else:
-        lo, hi = rng.uniform(6, 8), rng.uniform(14, 18)
-        g = np.linspace(0, 1, F)
-        r = (lo * (hi / lo) ** (g if name == 'Approach' else 1 - g)).astype(np.float32)
-    centre = centre.astype(np.float32)
-    dx = (xx - centre[:, 0, None, None] + S / 2) % S - S / 2
-    dy = (yy - centre[:, 1, None, None] + S / 2) % S - S / 2
-    c, s = np.cos(theta, dtype=np.float32)[:, None, None], np.sin(theta, dtype=np.float32)[:, None, None]
-    u, v = (c * dx + s * dy) / r[:, None, None], (-s * dx + c * dy) / r[:, None, None]
-    au, av_ = np.abs(u), np.abs(v)
-    shapes = [
-        lambda: (v >= -0.7) & (v <= 1) & (au <= (1 - v) * 0.6),                               # triangle
-        lambda: ((u >= -1) & (u <= -0.4) & (av_ <= 1)) | ((v >= 0.4) & (v <= 1) & (au <= 1)),  # L
-        lambda: ((v >= -1) & (v <= -0.5) & (au <= 1)) | ((au <= 0.3) & (av_ <= 1)),            # T
-        lambda: (u * u + v * v <= 1) & (v >= 0),                                               # half disc
-        lambda: (np.maximum(au, av_) <= 1) & ~((u > 0.1) & (v > 0.1)),                         # notched square
-    ]
-    stripes = (0.5 + 0.5 * np.cos(3 * np.pi * u))[..., None]                                  # 1.5 periods per radius
-    paint = colours[0] * stripes + colours[1] * (1 - stripes)                                 # (F, S, S, 3)
-    frames = np.where(shapes[shape]()[..., None], paint, bg)
+    frames = np.full((F, S, S, 3), 127.5, np.float32)
+    name, t = SYNTHETIC_CLASSES[cls], np.arange(F, dtype=np.float32)
+    for _ in range(num_shapes):
+        shape = rng.integers(0, len(_SHAPES))
+        colours = rng.uniform(0, 255, (2, 3)).astype(np.float32)
+        centre = np.broadcast_to(rng.uniform(0, S, 2), (F, 2)).astype(np.float32)
+        theta = np.full(F, rng.uniform(0, 2 * np.pi), np.float32)
+        speed, omega = rng.uniform(1.0, 1.5), np.deg2rad(rng.uniform(5, 8))   # px / frame, rad / frame
+        r = np.full(F, rng.uniform(7, 11), np.float32)
+        if name.startswith('Move'):
+            d = {'MoveLeft': (-1, 0), 'MoveRight': (1, 0), 'MoveUp': (0, -1), 'MoveDown': (0, 1)}[name]
+            centre = centre + np.outer(t, d).astype(np.float32) * speed
+        elif name.startswith('Rotate'):
+            theta = theta + (1 if name == 'RotateClockwise' else -1) * omega * t  # y points down: +angle = cw
+        else:  # radius grows (Approach) or shrinks (Recede) geometrically between the same two limits
+            lo, hi = rng.uniform(4.2, 5.6), rng.uniform(13.2, 16.5)
+            g = t / max(F - 1, 1)
+            r = (lo * (hi / lo) ** (g if name == 'Approach' else 1 - g)).astype(np.float32)
+        dx = (xx - centre[:, 0, None, None] + S / 2) % S - S / 2                  # (F, S, S) torus offsets
+        dy = (yy - centre[:, 1, None, None] + S / 2) % S - S / 2
+        c, s = np.cos(theta)[:, None, None], np.sin(theta)[:, None, None]
+        u, v = (c * dx + s * dy) / r[:, None, None], (-s * dx + c * dy) / r[:, None, None]
+        inside = _SHAPES[shape](u, v, np.abs(u), np.abs(v))
+        # stripes fixed to the shape (1.5 periods per radius): its pose shows inside it, not only at its edge
+        stripes = (0.5 + 0.5 * np.cos(3 * np.pi * u))[..., None]
+        frames = np.where(inside[..., None], colours[0] * stripes + colours[1] * (1 - stripes), frames)
     frames += rng.standard_normal((F, S, S, 1), dtype=np.float32)  # sensor-like noise, std 1 level
     return np.clip(frames, 0, 255).astype(np.uint8)
 
 
 def _cache_root(seed):
     base = os.environ.get('VIDEOMAE_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'videomae')
-    return os.path.join(base, 'synthetic-v4' + (f'-seed{seed}' if seed else ''))
+    return os.path.join(base, 'synthetic-v5' + (f'-seed{seed}' if seed else ''))
 
 
 def ensure_synthetic(root=None, seed=0, *, num_train=40, num_test=12, num_frames=40, size=64):
     """Path of the synthetic dataset (UCF101 layout: UCF-101/<Class>/v_<Class>_gGG_cCC.avi + ucfTrainTestlist/),
-    generated on first use into `root` (default $VIDEOMAE_CACHE/synthetic-v4, else ~/.cache/videomae/...).
+    generated on first use into `root` (default $VIDEOMAE_CACHE/synthetic-v5, else ~/.cache/videomae/...).
     8 motion classes x (num_train + num_test) MPEG-4 AVI videos of num_frames frames at size x size, 25 fps.
     Deterministic by seed. Written to a temporary folder renamed into place, so concurrent ranks are safe."""
     root = os.path.abspath(root or _cache_root(seed))
-    params = dict(version=4, seed=seed, num_train=num_train, num_test=num_test, num_frames=num_frames,
+    params = dict(version=5, seed=seed, num_train=num_train, num_test=num_test, num_frames=num_frames,
                   size=size, classes=SYNTHETIC_CLASSES)
     marker = os.path.join(root, 'synthetic.json')
     if os.path.isfile(marker):

@@ -773,9 +773,9 @@ def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
                     (scaler.scale(loss) if scaler else loss).backward()
                 value += loss.item()                               # the step's loss: mean over micro-batches
             gnorm = utils.unscaled_grad_norm(opt, scaler)         # the whole model's (the recipe does not clip)
+            value = utils.all_reduce_mean(value, device)           # every rank stops together
+            utils.check_finite(value, it, cfg['output_dir'])       # before the step: no NaN in the weights
             utils.optimizer_step(opt, scaler)                      # fp16: skips steps with inf grads
-            value = utils.all_reduce_mean(value, device)
-            utils.check_finite(value, it + 1, cfg['output_dir'])
             speed = meter.end_step(value)
             log.write(kind='step', epoch=epoch, step=step, it=it, loss=value, lr=step_lr, grad_norm=gnorm, **speed)
             bar.set_postfix_str(f"loss {value:.4f} lr {step_lr:.2e} {speed['clips_per_s']:.1f} clips/s", refresh=False)

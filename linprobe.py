@@ -232,7 +232,7 @@ def fit(cfg, dd, probe, splits, classes, sgd, scaler, autocast, start):
         utils.log_epoch(meter, jsonl, dd.is_main, epoch, lr, cfg['epochs'])
         if cfg['val_freq'] and ((epoch + 1) % cfg['val_freq'] == 0 or epoch + 1 == cfg['epochs']):
             top = score(cfg, dd, probe, val_set, classes, autocast, 'val')
-            jsonl.write(epoch=epoch, val_top1=top['top1'], val_top5=top['top5'])
+            jsonl.write(kind='val', epoch=epoch, val_top1=top['top1'], val_top5=top['top5'])
         checkpoint(cfg, dd, probe, sgd, scaler, classes, epoch + 1, 0)
 
 

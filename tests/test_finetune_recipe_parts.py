@@ -1,6 +1,7 @@
 """The pieces of the fine-tuning recipe: layer-wise lr decay and weight-decay groups on the classifier,
 mixup/cutmix soft targets with label smoothing folded in, CutMix's box the same in every frame, and the
-multi-view merge (the views of one video averaged, only those, padding duplicates counted once)."""
+multi-view merge (the views of one video averaged, only those, padding duplicates counted once), and the
+synthetic row's label-preserving augmentation."""
 
 import pytest
 import torch
@@ -127,3 +128,16 @@ def test_views_of_a_video_are_averaged_and_only_those_padding_counted_once():
         assert torch.allclose(scores[k], logits[k].softmax(-1).mean(0))
     expected_top1 = 100 * sum(int(logits[k].softmax(-1).mean(0).argmax() == labels[k]) for k in range(5)) / 5
     assert utils.topk_accuracy(scores, y)['top1'] == pytest.approx(expected_top1)
+
+
+def test_synthetic_row_keeps_direction_labels_and_the_moving_shapes_in_view():
+    # A horizontal flip turns MoveLeft into MoveRight and a clockwise rotation into a counter-clockwise one:
+    # on the synthetic classes it is label noise. RandomResizedCrop's 8%-area crops cut the shapes out.
+    resolve = lambda *a: finetune.resolve(finetune.build_parser().parse_args([*a, '--resume', '']))  # noqa: E731
+    cfg = resolve()
+    assert cfg['dataset'] == 'synthetic' and cfg['flip'] is False and cfg['crop'] == 'multiscale'
+    ds = finetune.make_dataset(cfg, [('unused.avi', 0)], 'train')
+    assert ds.flip is False and ds.crop == 'multiscale'
+    k400 = resolve('--dataset', 'k400')  # Table 10 keeps the official RandomResizedCrop and flip
+    assert k400['flip'] is True and k400['crop'] == 'resized'
+    assert resolve('--crop', 'resized', '--flip', 'yes')['crop'] == 'resized'
