@@ -69,9 +69,8 @@ RECIPES = {
     # no RandAugment / random erasing / mixup / cutmix and one clip per video (they pay off over long
     # schedules, not over 1000 steps), a higher base lr (peak 1e-3 = 1.6e-2 x 16 / 256) and a 2-epoch warm-up
     # (the run is ~100x shorter), and one test crop (square frames: the three crops along the long side
-    # would coincide). 50 epochs = 1000 steps, because measured: the pre-trained encoder leaves chance after
-    # ~300 steps, the from-scratch one after ~550, and a 20-epoch cosine ends before either does (README,
-    # "Does pre-training help?"). No flip: it swaps MoveLeft/MoveRight and the two rotations, i.e. relabels
+    # would coincide). 50 epochs = 1000 steps, because measured: from scratch the model leaves chance after
+    # ~540 steps, and a 20-epoch cosine ends before any init does (README, "Does pre-training help?"). No flip: it swaps MoveLeft/MoveRight and the two rotations, i.e. relabels
     # half of those clips as the opposite class. The crop is pre-training's MultiScaleCrop (sides 66-100%):
     # RandomResizedCrop's 8% area would often cut the moving shapes out of a 64x64 frame.
     'synthetic': dict(K400, size='small', embed_dim=128, depth=4, num_heads=4, patch_size=8, num_frames=8,
