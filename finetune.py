@@ -4,7 +4,7 @@ One file, top to bottom: the recipe table (the appendix rows, cited), argparse, 
 evaluation (a quick one-view validation during training, the full multi-view test protocol at the end),
 prediction, main().
 
-  python finetune.py --finetune runs/pretrain-synthetic/checkpoint-00030.pth     # synthetic data, CPU, minutes
+  python finetune.py --finetune runs/pretrain-synthetic/checkpoint-00100.pth     # synthetic data, CPU, minutes
   torchrun --nproc_per_node=8 finetune.py --dataset ssv2 --data_path /data/ssv2 --size base
       --finetune videomae_base_ssv2_pretrain.pth                                 # (one line) Table 10, SSv2
   python finetune.py --dataset k400 --data_path /data/k400 --size base           # no --finetune: supervised

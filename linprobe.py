@@ -5,8 +5,8 @@ The encoder never changes: requires_grad False, no optimizer state, torch.no_gra
 (no drop path, no dropout). Its tokens are mean-pooled (forward_features(...).mean(1)), normalised by a
 BatchNorm1d without affine parameters, and a single linear layer is trained with SGD.
 
-  python linprobe.py --checkpoint runs/pretrain-synthetic/checkpoint-00030.pth   # synthetic data, CPU
-  python linprobe.py --checkpoint runs/pretrain-synthetic/checkpoint-00030.pth --random_init
+  python linprobe.py --checkpoint runs/pretrain-synthetic/checkpoint-00100.pth   # synthetic data, CPU
+  python linprobe.py --checkpoint runs/pretrain-synthetic/checkpoint-00100.pth --random_init
       # the baseline: the same encoder shape, random weights (also: no --checkpoint at all)
   torchrun --nproc_per_node=8 linprobe.py --dataset ssv2 --data_path /data/ssv2 --checkpoint vit_b_ssv2_pretrain.pth
   python linprobe.py --eval --resume runs/linprobe-ssv2/checkpoint-00100.pth     # the test protocol only
