@@ -41,6 +41,20 @@ def test_synthetic_single_frames_do_not_reveal_the_class_but_motion_does():
     assert (spread_between < 0.6 * spread_within).all(), (spread_between, spread_within)
 
 
+def test_synthetic_move_classes_shift_the_frame_the_way_their_label_says():
+    # A label/motion mismatch (like the flip bug that swapped MoveLeft/MoveRight in fine-tuning) is label
+    # noise no model can learn through: the texture must travel 4-6 px over 4 frames in the named direction.
+    want = {'MoveLeft': (-1, 0), 'MoveRight': (1, 0), 'MoveUp': (0, -1), 'MoveDown': (0, 1)}
+    for name, (wx, wy) in want.items():
+        c = data.SYNTHETIC_CLASSES.index(name)
+        v = data._render(np.random.default_rng([0, c, 0]), c, 40, 64).astype(np.float32)
+        a, b = v[10], v[14]
+        err = {(dx, dy): np.abs(b[8 + dy:56 + dy, 8 + dx:56 + dx] - a[8:56, 8:56]).mean()
+               for dx in range(-8, 9) for dy in range(-8, 9)}      # b at p + shift matches a at p
+        dx, dy = min(err, key=err.get)
+        assert (np.sign(dx), np.sign(dy)) == (wx, wy) and 4 <= abs(dx) + abs(dy) <= 6, (name, dx, dy)
+
+
 def make_set(synth, **kw):
     samples, _ = data.load_split('synthetic', synth, 'train')
     kw.setdefault('input_size', 32)
