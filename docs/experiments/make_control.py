@@ -12,17 +12,27 @@ import torch
 import model as M
 import utils
 
-src, dst = sys.argv[1], sys.argv[2]
-ckpt = torch.load(src, map_location='cpu', weights_only=False)
-torch.manual_seed(1)
-fresh = M.build_pretrain(ckpt['config']['model'], **ckpt['config']['model_kwargs']).state_dict()
-for k, v in ckpt['model'].items():
-    if k.startswith('encoder.'):
+def rescaled_random(trained, config, seed=1):
+    """Encoder state dict: a fresh official-init encoder (seed `seed`) with each >= 2-D tensor rescaled to the
+    Frobenius norm of the same tensor in `trained` (an encoder state dict, keys without 'encoder.')."""
+    torch.manual_seed(seed)
+    fresh = M.build_pretrain(config['model'], **config['model_kwargs']).encoder.state_dict()
+    out = {}
+    for k, v in trained.items():
         r = fresh[k].clone()
         if r.dim() >= 2:
             r *= v.float().norm() / r.norm()
-        ckpt['model'][k] = r.to(v.dtype)
-        print(f'{k:45s} trained {v.float().norm():8.3f}  control {r.norm():8.3f}')
-ckpt.pop('optimizer', None)
-utils.save_checkpoint(dst, ckpt)
-print('wrote', dst)
+        out[k] = r.to(v.dtype)
+    return out
+
+
+if __name__ == '__main__':
+    src, dst = sys.argv[1], sys.argv[2]
+    ckpt = torch.load(src, map_location='cpu', weights_only=False)
+    enc = {k[len('encoder.'):]: v for k, v in ckpt['model'].items() if k.startswith('encoder.')}
+    for k, r in rescaled_random(enc, ckpt['config']).items():
+        print(f'encoder.{k:45s} trained {enc[k].float().norm():8.3f}  control {r.float().norm():8.3f}')
+        ckpt['model']['encoder.' + k] = r
+    ckpt.pop('optimizer', None)
+    utils.save_checkpoint(dst, ckpt)
+    print('wrote', dst)

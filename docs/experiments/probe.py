@@ -83,14 +83,11 @@ def probe(enc, Xtr, Ytr, Xte, Yte, epochs=300):
     return res
 
 def control_from(net, seed=1):
-    """Random encoder, each matrix rescaled to the trained one's Frobenius norm, LN 1/0, biases 0."""
-    torch.manual_seed(seed)
-    ctl = M.build_pretrain('small', **{k: net.config[k] for k in cfg_model()}).encoder
-    sd_t = net.encoder.state_dict()
-    with torch.no_grad():
-        for k, v in ctl.state_dict().items():
-            if v.dim() >= 2 and 'norm' not in k:
-                v.mul_(sd_t[k].norm() / v.norm())
+    """The norm-matched control of make_control.py, for an in-memory model."""
+    from make_control import rescaled_random
+    cfg = {'model': 'small', 'model_kwargs': {k: net.config[k] for k in cfg_model()}}
+    ctl = M.build_pretrain('small', **cfg['model_kwargs']).encoder
+    ctl.load_state_dict(rescaled_random(net.encoder.state_dict(), cfg, seed))
     return ctl
 
 if __name__ == '__main__':
