@@ -277,7 +277,8 @@ def random_erase(clip, p):
 def train_augment(clip, size, *, crop='multiscale', flip=False, randaug=None, random_erasing=0.0):
     """One training view of a uint8 clip (T, 3, H, W) -> (T, 3, size, size).
     crop='multiscale': pre-training / linear probing (Table 9, 11); 'resized': fine-tuning
-    RandomResizedCrop area (0.08, 1), ratio (3/4, 4/3). Then RandAugment (magnitude ~ N(m, std) clipped
+    RandomResizedCrop area (0.08, 1), ratio (3/4, 4/3); 'center': the frame's central square, no jitter
+    (the synthetic pre-training row: a random scale there changes the apparent speed of every clip). Then RandAugment (magnitude ~ N(m, std) clipped
     to [0, 10] drawn per clip, num_ops=2 of torchvision; ops scaled as timm's m/10 via 101 magnitude bins;
     applied to the whole clip so every frame gets the same ops; after the resize rather than before the
     crop as the official code does, which costs a full-resolution pass), flip, random erasing."""
@@ -286,8 +287,11 @@ def train_augment(clip, size, *, crop='multiscale', flip=False, randaug=None, ra
         i, j, h, w = multiscale_crop_box(H, W, size)
     elif crop == 'resized':
         i, j, h, w = T1.RandomResizedCrop.get_params(clip[0], scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3))
+    elif crop == 'center':
+        h = w = min(H, W)
+        i, j = (H - h) // 2, (W - w) // 2
     else:
-        raise ValueError(f"crop must be 'multiscale' or 'resized', got {crop!r}")
+        raise ValueError(f"crop must be 'multiscale', 'resized' or 'center', got {crop!r}")
     clip = TF.resize(clip[..., i:i + h, j:j + w], [size, size], antialias=True)  # bilinear, once per clip
     if randaug is not None:
         m, std = randaug

@@ -75,10 +75,20 @@ def test_train_items_shape_and_determinism(synth):
 def test_same_augmentation_hits_every_frame():
     frame = torch.randint(0, 256, (1, 3, 48, 64), dtype=torch.uint8)
     clip = frame.repeat(6, 1, 1, 1)
-    for crop in ('multiscale', 'resized'):
+    for crop in ('multiscale', 'resized', 'center'):
         torch.manual_seed(0)
         out = data.train_augment(clip, 32, crop=crop, flip=True, randaug=(9, 0.5))
         assert out.shape == (6, 3, 32, 32) and (out == out[:1]).all()
+
+
+def test_center_crop_is_the_central_square_of_every_clip():
+    clip = torch.randint(0, 256, (4, 3, 48, 64), dtype=torch.uint8)
+    for seed in range(5):   # no random draw: the same view every time
+        torch.manual_seed(seed)
+        out = data.train_augment(clip, 48, crop='center')
+        assert torch.equal(out, clip[..., :, 8:56])
+    with pytest.raises(ValueError, match="crop must be 'multiscale', 'resized' or 'center', got 'corner'"):
+        data.train_augment(clip, 48, crop='corner')
 
 
 def test_multiscale_crop_follows_the_official_grid():

@@ -54,6 +54,9 @@ def test_recipes_are_the_appendix_rows():
     assert (ucf['mask_ratio'], ucf['epochs'], ucf['total_batch'], ucf['lr'], ucf['sampling_rate']) == (0.75, 3200, 192, 3e-4, 4)
     assert (hmdb['mask_ratio'], hmdb['epochs'], hmdb['total_batch'], hmdb['lr'], hmdb['sampling_rate']) == (0.75, 4800, 192, 3e-4, 2)
     assert k400['model_kwargs'] == {'img_size': 224, 'num_frames': 16}   # the size's own shape
+    assert {cfg['crop'] for cfg in (k400, ssv2, ucf, hmdb)} == {'multiscale'}   # Table 9: MultiScaleCrop
+    assert resolve()['crop'] == 'center'                       # synthetic: measured (README)
+    assert resolve('--crop', 'multiscale')['crop'] == 'multiscale'
 
 
 def test_explicit_flags_override_recipe_and_ablation_switches():
