@@ -11,6 +11,8 @@ usage (from the repository root):  python docs/experiments/probe.py VARIANT STEP
   python docs/experiments/probe.py v5 1200                 # the shipped set v5
   python docs/experiments/probe.py field 1500 "v_cyc=(0.5,1.5)"   # v_* go to the renderer, the rest to pretrain()
   python docs/experiments/probe.py field 4000 "v_cyc=(0.5,1.5)" probe_every=1000   # probe during the run too
+  python docs/experiments/probe.py field 4000 "v_cyc=(0.5,1.5)" ratio=0.75        # as pretrain.py's synthetic row now
+The in-memory pre-training draws whole frames (no crop), like pretrain.py's synthetic row (--crop center).
 Datasets are cached in /tmp/ds-*.pt."""
 import sys, time, math, numpy as np, torch, torch.nn.functional as F
 import os; HERE = os.path.dirname(os.path.abspath(__file__))
