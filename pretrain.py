@@ -58,12 +58,13 @@ RECIPES = {
     # - mask ratio 0.75, § B's for the small datasets (UCF101, HMDB51; 320 videos here): at Table 9's 0.9 the
     #   encoder learns motion only after a second loss plateau whose length depends on the seed (seed 1 left it
     #   at step ~2000 and its features probe at 32%; seed 0 had not left it at step 4000: 16-22%, random 21%).
-    #   At 0.75 seed 0's features probe at 30-35% by step 1600.
+    #   At 0.75 seed 0's features probe at 30-35% by step 1600 and 50-60% at the end (seed 1: 57-64%).
     # - the crop is the frame itself, not MultiScaleCrop: a random scale per clip changes every clip's apparent
-    #   speed and size, and a pre-training with it learnt no motion a probe could read (13.5%, against 27-40%
-    #   without it, same steps). No flip: the motion classes are mirror pairs.
+    #   speed and size, and a pre-training with it learnt no motion a probe could read (in memory: 11-15%,
+    #   against 27-40% without it, same steps). No flip: the motion classes are mirror pairs.
     # - 100 epochs of 40 steps (batch 8); the base lr is raised (peak 1.5e-3 = 4.8e-2 x 8 / 256) because the run
-    #   is ~1000x shorter than the paper's (twice that kept seed 0 on the first plateau for 2000 steps).
+    #   is ~1000x shorter than the paper's (twice that, at ratio 0.9, kept seed 0 on the first plateau for 2000
+    #   steps).
     'synthetic': dict(TABLE9, model='small', embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=192,
                       decoder_num_heads=3, decoder_depth=1, patch_size=8, input_size=64, num_frames=8,
                       sampling_rate=4, mask_ratio=0.75, flip=False, crop='center', total_batch=8, batch_size=8,
