@@ -280,8 +280,9 @@ def train_augment(clip, size, *, crop='multiscale', flip=False, randaug=None, ra
     RandomResizedCrop area (0.08, 1), ratio (3/4, 4/3); 'center': the frame's central square, no jitter
     (the synthetic pre-training row: a random scale changes every clip's apparent speed). Then RandAugment
     (magnitude ~ N(m, std) clipped to [0, 10] drawn per clip, num_ops=2 of torchvision; ops scaled as
-    timm's m/10 via 101 magnitude bins; applied to the whole clip so every frame gets the same ops; after the resize rather than before the
-    crop as the official code does, which costs a full-resolution pass), flip, random erasing."""
+    timm's m/10 via 101 magnitude bins; applied to the whole clip so every frame gets the same ops; after
+    the resize rather than before the crop as the official code does, which costs a full-resolution pass),
+    flip, random erasing."""
     H, W = clip.shape[-2:]
     if crop == 'multiscale':
         i, j, h, w = multiscale_crop_box(H, W, size)
