@@ -22,7 +22,6 @@ import os
 import shutil
 import tempfile
 from collections import defaultdict
-from contextlib import nullcontext
 
 import numpy as np
 import torch
@@ -46,9 +45,9 @@ from model import build_classifier, load_checkpoint
 # (appendix § B). Per-GPU batch, min lr, 16x4 clips, short side 256 / crop 224: the official AD scripts.
 # Head dropout 0: the official AD head has none (SlowFast's AVA configs use 0.5).
 # ----------------------------------------------------------------------------------------------------
-AVA = dict(weight_decay=0.05, betas=(0.9, 0.999), total_batch=128, warmup_epochs=5, drop_path=0.2, flip=True,
+AVA = dict(weight_decay=0.05, opt_betas=[0.9, 0.999], total_batch=128, warmup_epochs=5, drop_path=0.2, flip=True,
            min_lr=1e-6, num_frames=16, sampling_rate=4, input_size=224, short_side=256, det_thresh=0.8,
-           head_dropout=0.0, num_workers=8)
+           head_dropout=0.0, num_workers=8, save_ckpt_freq=10)
 RECIPES = {
     'small':        dict(AVA, model='small', lr=1e-3, epochs=30, layer_decay=0.6, batch_size=8),     # Table 12
     'base':         dict(AVA, model='base', lr=2.5e-4, epochs=30, layer_decay=0.75, batch_size=4),   # Table 12
@@ -66,10 +65,6 @@ RECIPES = {
 AVA_FPS = 30          # SlowFast frames are extracted at 30 fps from the cut that starts at 15:00
 WINDOW_START = 900    # keyframe of second s = frame (s - 900) x 30 of that cut
 NUM_ACTIONS = 80      # the model predicts all 80 AVA ids (1..80); evaluation keeps the label map's 60
-
-
-def recipe_key(dataset, size, kinetics_finetuned):
-    return 'synthetic' if dataset == 'synthetic' else size + ('-k400ft' if kinetics_finetuned else '')
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -324,11 +319,10 @@ class Detector(nn.Module):
 
 
 def build_detector(cfg):
-    over = {k: cfg[k] for k in ('embed_dim', 'depth', 'num_heads', 'patch_size') if cfg.get(k) is not None}
-    kw = dict(over, img_size=cfg['input_size'], num_frames=cfg['num_frames'], drop_path_rate=cfg['drop_path'])
     # Positions: the official AD model resizes the 224-pixel (T', 14, 14) sine table bicubically to the test
     # grid (e.g. 16 x 28 at 256 x 455) instead of recomputing the flat-index table (interpolate_pos).
-    vit = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=False, interpolate_pos=True, **kw)
+    vit = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=False, interpolate_pos=True,
+                           drop_path_rate=cfg['drop_path'], **utils.shape(cfg))
     if cfg.get('finetune'):
         # pre-trained: encoder.norm -> norm; Kinetics-fine-tuned: fc_norm left out, norm starts at 1/0
         report = load_checkpoint(vit, cfg['finetune'])
@@ -559,82 +553,81 @@ def ensure_synthetic_ava(root=None, seed=0, num_train=12, num_val=4, seconds=6, 
 
 
 # ----------------------------------------------------------------------------------------------------
-# Command line. Defaults are None: the recipe row (Table 12 by --model and --kinetics_finetuned, or the
-# synthetic row without --data_path) fills what is not given.
+# Command line. The recipe row is Table 12's by --model and --kinetics_finetuned, or the synthetic row
+# without --data_path; explicit flags win.
 # ----------------------------------------------------------------------------------------------------
-def get_args(argv=None):
-    R = RECIPES
-    h = lambda key, text: f'{text} ({utils.recipe_help(R, key) or "no recipe default"})'
-    p = argparse.ArgumentParser(description='VideoMAE action detection on AVA v2.2 (appendix § B, Table 12). '
-                                'Without --data_path: the synthetic AVA-layout set on CPU in minutes.')
+def build_parser():
+    def h(key, text):
+        return f'{text} ({utils.recipe_help(RECIPES, key) or "no recipe default"})'
+    p = argparse.ArgumentParser(description='VideoMAE action detection on AVA v2.2 (appendix § B, Table '
+                                '12). Without --data_path: the synthetic AVA-layout set on CPU in minutes.')
     g = p.add_argument_group('data (AVA v2.2 as downloaded; paths default to the files under --data_path)')
-    g.add_argument('--data_path', help='AVA root with annotations/, frames/ + frame_lists/ (SlowFast layout) or '
-                   'videos/; omitted: the synthetic AVA-layout set, generated into the cache on first use')
-    g.add_argument('--frames', help='frame root frames/<id>/<id>_000001.jpg (default <data_path>/frames if it exists)')
-    g.add_argument('--videos', help='video folder <id>.mp4/.mkv/.webm decoded with PyAV (default <data_path>/videos)')
-    g.add_argument('--video_start', type=float, default=0.0, help='second of the movie at which the video files '
-                   'start: 0 for the movies as downloaded, 900 for 15-minute cuts (default 0)')
+    g.add_argument('--data_path', help='AVA root with annotations/, frames/ + frame_lists/ (SlowFast '
+                   'layout) or videos/; omitted: the synthetic AVA-layout set, generated on first use')
+    g.add_argument('--frames', help='frames/<id>/<id>_000001.jpg (default <data_path>/frames if it exists)')
+    g.add_argument('--videos', help='<id>.mp4/.mkv/.webm decoded with PyAV (default <data_path>/videos)')
+    g.add_argument('--video_start', type=float, default=0.0, help='second of the movie at which the '
+                   'video files start: 0 for the movies as downloaded, 900 for 15-minute cuts')
     g.add_argument('--train_csv', help='GT (default annotations/ava_train_v2.2.csv)')
     g.add_argument('--val_csv', help='GT (default annotations/ava_val_v2.2.csv)')
-    g.add_argument('--label_map', help='evaluated classes (default annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt)')
-    g.add_argument('--exclusions', help='keyframes left out of evaluation (default '
-                   'annotations/ava_val_excluded_timestamps_v2.2.csv if present)')
-    g.add_argument('--val_boxes', help='detected person boxes: AIA JSON (boxes/ava_val_det_person_bbox.json) or '
-                   'SlowFast CSV (annotations/ava_val_predicted_boxes.csv); default: the first that exists')
-    g.add_argument('--det_images', help='COCO-style ava_val_v2.2_min.json giving the image ids of the AIA JSON '
-                   '(default annotations/ava_val_v2.2_min.json)')
-    g.add_argument('--det_thresh', type=float, help=h('det_thresh', 'keep detected boxes with score >= this'))
-    g = p.add_argument_group('model')
-    g.add_argument('--model', choices=['small', 'base', 'large', 'huge'], help=h('model', 'ViT size (default base on AVA)'))
-    g.add_argument('--kinetics_finetuned', action='store_true', help='the backbone was fine-tuned on Kinetics-400 '
-                   'after pre-training: selects the right column of Table 12')
-    g.add_argument('--finetune', help='initial weights: a pre-trained or Kinetics-fine-tuned checkpoint (ours or '
-                   'official), or an AVA detection checkpoint with --eval')
-    for k in ('embed_dim', 'depth', 'num_heads', 'patch_size'):
-        g.add_argument(f'--{k}', type=int, help=h(k, f'{k} override of the ViT size'))
-    g.add_argument('--drop_path', type=float, help=h('drop_path', 'stochastic depth rate'))
-    g.add_argument('--head_dropout', type=float, help=h('head_dropout', 'dropout before the head'))
-    g = p.add_argument_group('clips')
+    g.add_argument('--label_map', help='evaluated classes (default annotations/'
+                   'ava_action_list_v2.2_for_activitynet_2019.pbtxt)')
+    g.add_argument('--exclusions', help='keyframes left out of evaluation (default annotations/'
+                   'ava_val_excluded_timestamps_v2.2.csv if present)')
+    g.add_argument('--val_boxes', help='detected person boxes: AIA JSON (boxes/ava_val_det_person_bbox.'
+                   'json) or SlowFast CSV (annotations/ava_val_predicted_boxes.csv); default: the first found')
+    g.add_argument('--det_images', help='COCO-style ava_val_v2.2_min.json with the image ids of the AIA '
+                   'JSON (default annotations/ava_val_v2.2_min.json)')
+    g.add_argument('--det_thresh', type=float, help=h('det_thresh', 'keep detected boxes scoring >= this'))
     g.add_argument('--num_frames', type=int, help=h('num_frames', 'frames per clip'))
     g.add_argument('--sampling_rate', type=int, help=h('sampling_rate', 'frame stride around the keyframe'))
     g.add_argument('--input_size', type=int, help=h('input_size', 'training crop'))
-    g.add_argument('--short_side', type=int, help=h('short_side', 'short side of the frames (train and test)'))
-    g.add_argument('--flip', action=argparse.BooleanOptionalAction, help=h('flip', 'random horizontal flip'))
-    g = p.add_argument_group('optimisation')
-    g.add_argument('--lr', type=float, help=h('lr', 'base lr; the lr is lr x total_batch / 256'))
-    g.add_argument('--min_lr', type=float, help=h('min_lr', 'final base lr of the cosine'))
-    g.add_argument('--epochs', type=int, help=h('epochs', 'training epochs'))
-    g.add_argument('--warmup_epochs', type=int, help=h('warmup_epochs', 'linear warm-up epochs'))
-    g.add_argument('--weight_decay', type=float, help=h('weight_decay', 'AdamW weight decay'))
-    g.add_argument('--betas', type=float, nargs=2, help=h('betas', 'AdamW betas'))
+    g.add_argument('--short_side', type=int, help=h('short_side', 'short side of the frames'))
+    g.add_argument('--flip', action=argparse.BooleanOptionalAction, help=h('flip', 'random flip'))
+    g = utils.add_shape_flags(p, RECIPES)
+    g.add_argument('--kinetics_finetuned', action='store_true', help='the backbone was fine-tuned on '
+                   'Kinetics-400 after pre-training: the right column of Table 12')
+    g.add_argument('--finetune', help='initial weights: a pre-trained or Kinetics-fine-tuned checkpoint '
+                   '(ours or official)')
+    g.add_argument('--drop_path', type=float, help=h('drop_path', 'stochastic depth rate'))
+    g.add_argument('--head_dropout', type=float, help=h('head_dropout', 'dropout before the head'))
+    utils.add_common_flags(p, RECIPES)
+    g = p.add_argument_group('detection recipe and evaluation')
+    g.add_argument('--opt_betas', '--betas', type=float, nargs=2, help=h('opt_betas', 'AdamW betas'))
     g.add_argument('--layer_decay', type=float, help=h('layer_decay', 'layer-wise lr decay'))
-    g.add_argument('--total_batch', type=int, help=h('total_batch', 'clips per optimizer step over all GPUs'))
-    g.add_argument('--batch_size', type=int, help=h('batch_size', 'clips per GPU per step (gradient accumulation '
-                   'makes up the total batch)'))
-    g = p.add_argument_group('run')
-    g.add_argument('--num_workers', type=int, help=h('num_workers', 'data loading processes per GPU'))
-    g.add_argument('--device', default='auto', help='auto, cpu or cuda (default auto)')
-    g.add_argument('--precision', default='auto', help='auto (bf16/fp16 on GPU, fp32 on CPU), fp32, bf16, fp16')
-    g.add_argument('--output_dir', help='checkpoints, log.jsonl, detections (default output/detect_<recipe>)')
-    g.add_argument('--resume', default='auto', help="'auto' (latest checkpoint in --output_dir), a path, or '' ")
     g.add_argument('--eval', action='store_true', help='only evaluate (weights: --resume or --finetune)')
     g.add_argument('--eval_detections', help='only score this detections CSV (AVA submission format)')
-    g.add_argument('--eval_every', type=int, default=0, help='also evaluate every N epochs (default 0: at the end)')
-    g.add_argument('--max_dets', type=int, default=0, help='detections kept per keyframe for the AP: 0 = all '
-                   '(SlowFast / VideoMAE, the published numbers; default), 50 = the ActivityNet tool')
-    g.add_argument('--seed', type=int, default=0, help='(default 0)')
-    return p.parse_args(argv)
+    g.add_argument('--eval_every', type=int, default=0, help='also evaluate every N epochs (0: at the end)')
+    g.add_argument('--max_dets', type=int, default=0, help='detections kept per keyframe for the AP: 0 = '
+                   'all (SlowFast / VideoMAE, the published numbers), 50 = the ActivityNet tool')
+    return p
+
+
+def recipe_key(cfg):
+    if cfg['data_path'] is None:
+        return 'synthetic'
+    return (cfg['model'] or 'base') + ('-k400ft' if cfg['kinetics_finetuned'] else '')
+
+
+def resolve(argv=None):
+    cfg = utils.resolve(build_parser(), argv, lambda c: RECIPES[recipe_key(c)],
+                        lambda c: f'detect-{recipe_key(c)}', init_flag='finetune')
+    cfg.update(recipe=recipe_key(cfg), dataset='synthetic' if cfg['data_path'] is None else 'ava')
+    utils.check_clip_flags(cfg)
+    return cfg
 
 
 def ava_files(cfg):
     """Fill the data paths of cfg from --data_path; a missing required file is an error naming it."""
     root = cfg['data_path']
-    ann = lambda name: os.path.join(root, 'annotations', name)
+    if not os.path.isdir(root):
+        raise SystemExit(f'error: --data_path {root}: no such folder (the AVA root with annotations/)')
+    ann = lambda name: os.path.join(root, 'annotations', name)  # noqa: E731
 
     def need(flag, default):
         path = cfg[flag] or default
         if not os.path.isfile(path):
-            raise SystemExit(f'error: --{flag}: {path} does not exist')
+            raise SystemExit(f'error: --{flag}: {path} does not exist (under --data_path {root}?)')
         cfg[flag] = path
 
     need('train_csv', ann('ava_train_v2.2.csv'))
@@ -647,8 +640,8 @@ def ava_files(cfg):
     need('val_boxes', next((b for b in boxes if os.path.isfile(b)), boxes[0]))
     cfg['det_images'] = cfg['det_images'] or ann('ava_val_v2.2_min.json')
     if not cfg['frames'] and not cfg['videos']:
-        cfg['frames' if os.path.isdir(os.path.join(root, 'frames')) else 'videos'] = \
-            os.path.join(root, 'frames' if os.path.isdir(os.path.join(root, 'frames')) else 'videos')
+        kind = 'frames' if os.path.isdir(os.path.join(root, 'frames')) else 'videos'
+        cfg[kind] = os.path.join(root, kind)
     folder = cfg['frames'] or cfg['videos']
     if not os.path.isdir(folder):
         raise SystemExit(f"error: {folder} does not exist: pass --frames (SlowFast JPEG layout) or --videos")
@@ -663,12 +656,12 @@ def frame_source(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Training and evaluation loops.
+# Evaluation and the loop.
 # ----------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def predict(detector, loader, device, autocast, progress=True):
-    """Every keyframe's boxes through the model -> {key: [(box normalised, action_id, score), ...]}, merged
-    over ranks. Score = sigmoid(logit) x detector score (official). Rank 0 gets the merge, others None."""
+    """Every keyframe's boxes through the model -> {key: [(box normalised, action_id, score), ...]},
+    merged over ranks. Score = sigmoid(logit) x detector score (official). Rank 0 gets the merge."""
     detector.eval()
     out, failures = {}, data.FailureLog(max_ratio=1.0)
     for batch in tqdm(loader, desc='eval', disable=not progress, leave=False, dynamic_ncols=True):
@@ -676,11 +669,11 @@ def predict(detector, loader, device, autocast, progress=True):
         video = data.normalize(batch['video'].to(device, non_blocking=True))
         with autocast():
             logits = detector(video, [b.to(device) for b in batch['boxes']])
-        probs = (logits.float().sigmoid().cpu() * batch['scores'][:, None]).split([len(b) for b in batch['boxes']])
-        boxes = batch['norm_boxes'].split([len(b) for b in batch['boxes']])
-        for i, key, bx, pr in zip(batch['index'].tolist(), batch['keys'], boxes, probs):
+        sizes = [len(b) for b in batch['boxes']]
+        probs = (logits.float().sigmoid().cpu() * batch['scores'][:, None]).split(sizes)
+        for i, key, bx, pr in zip(batch['index'].tolist(), batch['keys'], batch['norm_boxes'].split(sizes), probs):
             out[i] = (key, bx.tolist(), pr)           # padding duplicates of the sampler share the index
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         parts = [None] * dist.get_world_size()
         dist.all_gather_object(parts, out)
         out = {i: v for part in parts for i, v in part.items()}
@@ -695,10 +688,11 @@ def predict(detector, loader, device, autocast, progress=True):
 
 
 def evaluate(detector, loader, cfg, names, val_gt, excluded, device, autocast, tag):
+    """-> mAP on rank 0 (detections_<tag>.csv, ap_<tag>.csv written), None on the other ranks."""
     rows = predict(detector, loader, device, autocast)
     if rows is None:
         return None
-    rows = {k: [r for r in v if r[1] in names] for k, v in rows.items()}     # the evaluated classes only
+    rows = {k: [r for r in v if r[1] in names] for k, v in rows.items()}     # the evaluated classes
     path = os.path.join(cfg['output_dir'], f'detections_{tag}.csv')
     write_submission(path, rows)
     print(f'detections written to {path} (AVA submission format)')
@@ -706,146 +700,70 @@ def evaluate(detector, loader, cfg, names, val_gt, excluded, device, autocast, t
     return report_ap(ap, num_gt, names, cfg['max_dets'], os.path.join(cfg['output_dir'], f'ap_{tag}.csv'))
 
 
-def train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d):
-    """The loop: per-iteration cosine lr, gradient accumulation to total_batch, checkpoints at every epoch end
-    and on SIGTERM (then returns False). log.jsonl gets finetune.py's records: one per step (loss, lr, grad_norm,
-    clips_per_s, step_s, data_wait_s), one per epoch (utils.log_epoch, which also prints it)."""
-    device, bs = d.device, cfg['batch_size']
-    autocast, scaler, prec = utils.amp_setup(device, cfg['precision'])
-    accum = utils.accumulation_steps(cfg['total_batch'], bs, d.world_size)
-    loader = data.make_loader(train_set, bs, train=True, num_workers=cfg['num_workers'], seed=cfg['seed'],
-                              collate_fn=functools.partial(collate, multiple=detector.backbone.patch_size))
-    steps_per_epoch = len(loader.sampler) // bs // accum
-    if steps_per_epoch == 0:
-        raise SystemExit(f'error: {len(train_set)} training keyframes cannot fill one step of --total_batch '
-                         f"{cfg['total_batch']}; lower --total_batch")
-    scale = cfg['total_batch'] / 256                               # linear lr scaling (appendix § B)
-    lr, min_lr = cfg['lr'] * scale, cfg['min_lr'] * scale
-    total, warmup = cfg['epochs'] * steps_per_epoch, cfg['warmup_epochs'] * steps_per_epoch
-    vit = detector.backbone                                        # official names for groups and checkpoints
-    groups = utils.param_groups(vit, cfg['weight_decay'], cfg['layer_decay'], depth=len(vit.blocks))
-    opt = utils.make_adamw(groups, lr, cfg['betas'], device)
-    start_epoch, start_step = 0, 0
-    resume = utils.resolve_resume(cfg['resume'], cfg['output_dir'])
-    if resume:
-        state = utils.resume_training(resume, 'detect', vit, opt, scaler, d.rank)
-        start_epoch, start_step = state['epoch'], state['step_in_epoch']
-        print(f'resumed from {resume}: epoch {start_epoch}, step {start_step}')
-    net = detector
-    if d.world_size > 1:
-        net = nn.parallel.DistributedDataParallel(detector, device_ids=[d.local_rank] if device.type == 'cuda' else None)
-    if d.is_main:
-        print(f'{len(train_set)} training keyframes, {steps_per_epoch} steps/epoch x {accum} accumulation, '
-              f'lr {lr:.3g}, precision {prec}')
-    log, pre = utils.JsonlLog(os.path.join(cfg['output_dir'], 'log.jsonl'), d.is_main), utils.Preemption()
-
-    def save(epoch, step):
-        state = utils.training_state('detect', vit, cfg, epoch, step, opt, scaler, sorted(names))
-        if d.is_main:
-            utils.save_checkpoint(os.path.join(cfg['output_dir'], utils.checkpoint_name(epoch, step)), state)
-            old = os.path.join(cfg['output_dir'], utils.checkpoint_name(epoch - 1))
-            if epoch > 1 and step == 0 and (epoch - 1) % 10 and os.path.isfile(old):
-                os.remove(old)                                     # keep every 10th epoch and the latest
-
-    for epoch in range(start_epoch, cfg['epochs']):
-        step0 = start_step if epoch == start_epoch else 0
-        loader.sampler.set_epoch(epoch, skip=step0 * accum * bs)
-        batches = iter(loader)                  # leftovers that cannot fill a step are never drawn
-        net.train()
-        failures, meter = data.FailureLog(), utils.StepMeter(cfg['total_batch'])   # one clip per keyframe
-        bar = tqdm(range(step0, steps_per_epoch), desc=f'epoch {epoch + 1}/{cfg["epochs"]}', disable=not d.is_main,
-                   dynamic_ncols=True)
-        for step in bar:
-            it = epoch * steps_per_epoch + step
-            step_lr = utils.cosine_schedule(it, total, warmup, lr, min_lr)   # the head's; layer decay scales the rest
-            utils.set_lr(opt, step_lr)
-            meter.start_step()
-            value = 0.0
-            for micro in range(accum):
-                batch = meter.next(batches)
-                failures.update(batch['failed'])
-                video = data.normalize(batch['video'].to(device, non_blocking=True))
-                boxes = [b.to(device, non_blocking=True) for b in batch['boxes']]
-                sync = micro == accum - 1                          # DDP all-reduces the gradients once per step
-                with (net.no_sync() if d.world_size > 1 and not sync else nullcontext()):
-                    with autocast():
-                        loss = detection_loss(net(video, boxes), batch['labels'].to(device)) / accum
-                    (scaler.scale(loss) if scaler else loss).backward()
-                value += loss.item()                               # the step's loss: mean over micro-batches
-            gnorm = utils.unscaled_grad_norm(opt, scaler)         # the whole model's (the recipe does not clip)
-            value = utils.all_reduce_mean(value, device)           # every rank stops together
-            utils.check_finite(value, it, cfg['output_dir'])       # before the step: no NaN in the weights
-            utils.optimizer_step(opt, scaler)                      # fp16: skips steps with inf grads
-            speed = meter.end_step(value)
-            log.write(kind='step', epoch=epoch, step=step, it=it, loss=value, lr=step_lr, grad_norm=gnorm, **speed)
-            bar.set_postfix_str(f"loss {value:.4f} lr {step_lr:.2e} {speed['clips_per_s']:.1f} clips/s", refresh=False)
-            if pre.should_stop(device):
-                save(epoch, step + 1)
-                print(f'stopped by {pre.requested or "another rank"}; resume with the same command')
-                return False
-        failures.end_epoch(meter.steps * accum * bs)               # the samples this run saw (resume: the rest)
-        utils.log_epoch(meter, log, d.is_main, epoch, step_lr, cfg['epochs'])
-        save(epoch + 1, 0)
-        if cfg['eval_every'] and (epoch + 1) % cfg['eval_every'] == 0 and epoch + 1 < cfg['epochs']:
-            m = evaluate(detector, val_loader, cfg, names, val_gt, excluded, device, autocast, f'epoch{epoch + 1}')
-            log.write(epoch=epoch + 1, mAP=m)
-    return True
-
-
 def main(argv=None):
-    args = get_args(argv)
-    dataset = 'synthetic' if args.data_path is None else 'ava'
-    key = recipe_key(dataset, args.model or 'base', args.kinetics_finetuned)
-    cfg = utils.resolve_config(args, RECIPES[key])
-    cfg.update(dataset=dataset, recipe=key, betas=list(cfg['betas']))
-    cfg['output_dir'] = cfg['output_dir'] or os.path.join('output', f'detect_{key}')
-    if dataset == 'synthetic':
+    cfg = resolve(argv)
+    if cfg['dataset'] == 'synthetic':
         cfg['data_path'] = ensure_synthetic_ava()
     ava_files(cfg)
     d = utils.init_distributed(cfg['device'])
     utils.seed_everything(cfg['seed'] + d.rank)
-    if d.is_main:
-        os.makedirs(cfg['output_dir'], exist_ok=True)
-        print(f'recipe {key} (Table 12' + (', synthetic row' if dataset == 'synthetic' else '') + ')\n'
-              + utils.format_config(cfg))
-        with open(os.path.join(cfg['output_dir'], 'config.json'), 'w') as f:
-            json.dump(cfg, f, indent=1)
-    names = read_label_map(cfg['label_map'])
-    excluded = read_excluded(cfg['exclusions'])
+    names, excluded = read_label_map(cfg['label_map']), read_excluded(cfg['exclusions'])
     val_gt = read_ava_csv(cfg['val_csv'])
     if cfg['eval_detections']:                                     # score a detections file, nothing else
-        if d.is_main:
-            ap, num_gt = frame_ap(gt_for_eval(val_gt), read_submission(cfg['eval_detections']), sorted(names),
-                                  excluded, cfg['max_dets'])
-            report_ap(ap, num_gt, names, cfg['max_dets'])
-        return
+        ap, num_gt = frame_ap(gt_for_eval(val_gt), read_submission(cfg['eval_detections']), sorted(names),
+                              excluded, cfg['max_dets'])
+        return report_ap(ap, num_gt, names, cfg['max_dets']) if d.is_main else None
     vb = cfg['val_boxes']
-    val_boxes = read_aia_json(vb, cfg['det_images']) if vb.endswith('.json') else read_ava_csv(vb, detections=True)
+    val_boxes = read_aia_json(vb, cfg['det_images']) if vb.endswith('.json') else read_ava_csv(vb, True)
     source = frame_source(cfg)
-    clips = dict(num_frames=cfg['num_frames'], sampling_rate=cfg['sampling_rate'], input_size=cfg['input_size'],
-                 short_side=cfg['short_side'], seed=cfg['seed'])
-    val_set = AVAClips(entries_from(val_boxes, cfg['det_thresh'], skip=excluded), source, train=False, flip=False, **clips)
+    clips = dict(num_frames=cfg['num_frames'], sampling_rate=cfg['sampling_rate'], short_side=cfg['short_side'],
+                 input_size=cfg['input_size'], seed=cfg['seed'])
     detector = build_detector(cfg).to(d.device)
+    vit = detector.backbone                        # checkpoints keep the official AD names
+    collate_fn = functools.partial(collate, multiple=vit.patch_size)
+    val_set = AVAClips(entries_from(val_boxes, cfg['det_thresh'], skip=excluded), source, train=False,
+                       flip=False, **clips)
     val_loader = data.make_loader(val_set, cfg['batch_size'], train=False, num_workers=cfg['num_workers'],
-                                  seed=cfg['seed'], collate_fn=functools.partial(collate, multiple=detector.backbone.patch_size))
+                                  collate_fn=collate_fn)
     autocast = utils.amp_setup(d.device, cfg['precision'])[0]
-    done = True
+    resume = cfg['resume'] if cfg['resume'] not in ('auto', '') else None
     if cfg['eval']:
-        resume = utils.resolve_resume(cfg['resume'], cfg['output_dir'])
-        if resume:
-            detector.backbone.load_state_dict(utils.load_state(resume)['model'])
-            print(f'evaluating {resume}')
-        elif not cfg['finetune']:
+        if not (resume or cfg['finetune']):
             raise SystemExit('error: --eval needs weights: --resume CHECKPOINT or --finetune CHECKPOINT')
+        if resume:
+            vit.load_state_dict(utils.load_state(resume)['model'])
+        lock = utils.lock_output_dir(cfg['output_dir']) if d.is_main else None
     else:
-        train_set = AVAClips(entries_from(read_ava_csv(cfg['train_csv'])), source, train=True, flip=cfg['flip'], **clips)
-        done = train(cfg, detector, train_set, val_loader, names, val_gt, excluded, d)
-    if done:
-        mAP = evaluate(detector, val_loader, cfg, names, val_gt, excluded, d.device, autocast, 'val')
-        if d.is_main:
-            utils.JsonlLog(os.path.join(cfg['output_dir'], 'log.jsonl')).write(final=True, mAP=mAP)
+        train_set = AVAClips(entries_from(read_ava_csv(cfg['train_csv'])), source, train=True,
+                             flip=cfg['flip'], **clips)
+        loader = data.make_loader(train_set, cfg['batch_size'], train=True, num_workers=cfg['num_workers'],
+                                  seed=cfg['seed'], collate_fn=collate_fn)
+        groups = utils.param_groups(vit, cfg['weight_decay'], cfg['layer_decay'], len(vit.blocks))
+        optimizer = utils.make_adamw(groups, cfg['lr'], cfg['opt_betas'], d.device)
+        run = utils.start(cfg, 'detect', d, vit, optimizer, loader, sorted(names), data.FailureLog(),
+                          net=detector)
+        autocast, lock = run.autocast, run.lock
+
+        def loss_of(batch, micro):
+            video = data.normalize(batch['video'].to(d.device, non_blocking=True))  # (B, 3, T, H, W)
+            boxes = [b.to(d.device, non_blocking=True) for b in batch['boxes']]     # B x (n_b, 4)
+            return detection_loss(run.net(video, boxes), batch['labels'].to(d.device))
+
+        for epoch in range(run.start_epoch, cfg['epochs']):
+            for _ in utils.steps(run, epoch):
+                utils.train_step(run, loss_of)
+            m = None
+            if cfg['eval_every'] and (epoch + 1) % cfg['eval_every'] == 0 and epoch + 1 < cfg['epochs']:
+                m = evaluate(detector, val_loader, cfg, names, val_gt, excluded, d.device, autocast,
+                             f'epoch{epoch + 1}')
+            utils.end_epoch(run, epoch, **({} if m is None else {'mAP': m}))
+        run.bar.close()
+    m = evaluate(detector, val_loader, cfg, names, val_gt, excluded, d.device, autocast, 'val')
+    if d.is_main:
+        utils.Log(cfg['output_dir']).write('final', None, mAP=m)
+    del lock
     utils.cleanup_distributed()
 
 
 if __name__ == '__main__':
-    main()
+    utils.main(main)

@@ -1,10 +1,18 @@
-"""Training plumbing shared by pretrain.py, finetune.py, linprobe.py and detect.py.
+"""The run mechanism shared by pretrain.py, finetune.py, linprobe.py and detect.py.
 
-Only what two or more stages need and that is not the method itself: recipes resolved against flags,
-distributed setup, learning-rate schedules and parameter groups, mixed precision, atomic checkpoints
-with exact resume, pre-emption, logging, and multi-view evaluation. No model, no data.
+Only what two or more stages need and that is not the method itself. A stage's loop reads:
+
+    run = utils.start(cfg, 'finetune', model, optimizer, loader, classes)  # DDP, amp, resume, logs
+    for epoch in range(run.start_epoch, cfg['epochs']):
+        for step in utils.steps(run, epoch):           # pre-emption: save mid-epoch, exit 0
+            utils.train_step(run, loss_of)             # lr, accumulation, autocast, clip, step, log
+        utils.end_epoch(run, epoch)                    # epoch log, checkpoint, retention
+
+where loss_of(batch, micro) is the stage's own loss of one micro-batch. No model, no data here.
 """
+import argparse
 import csv
+import fcntl
 import json
 import math
 import os
@@ -21,34 +29,169 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+SIZES = ('small', 'base', 'large', 'huge')
+# Model-shape keys every stage stores in its config under these names, so that a checkpoint of one
+# stage rebuilds its encoder in another.
+SHAPE_KEYS = ('model', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'tubelet_size')
+
 
 # ----------------------------------------------------------------------------------------------------
-# Recipes: the stage's table gives the defaults, explicit flags win.
+# Command line: the stage's recipe table gives the defaults, explicit flags win.
 
-def recipe_help(table, key, fmt=str):
-    """'recipe: synthetic=8, ucf101=192, ...' for a flag's --help, so every default is visible."""
+def flag_error(message):
+    """A bad flag: one line on stderr and exit code 2, as argparse does, without the usage block."""
+    print(f'error: {message}', file=sys.stderr)
+    raise SystemExit(2)
+
+
+def model_name(value):
+    """'base', or the official 'pretrain_videomae_base_patch16_224' / 'vit_base_patch16_224'."""
+    name = re.sub(r'^(pretrain_videomae_|vit_)|_patch16_224$', '', value)
+    if name not in SIZES:
+        raise argparse.ArgumentTypeError(f'unknown model {value!r}; choose from {", ".join(SIZES)} '
+                                         '(or the official vit_<size>_patch16_224 spelling)')
+    return name
+
+
+def recipe_help(table, key):
+    """'recipe default: ssv2/k400 1024, ucf101 192' for a flag's --help, so every default is visible."""
     vals = {}
     for name, row in table.items():
         if key in row:
-            vals.setdefault(fmt(row[key]), []).append(name)
-    if not vals:
-        return ''
-    if len(vals) == 1:
+            vals.setdefault(str(row[key]), []).append(name)
+    if len(vals) == 1 and sum(map(len, vals.values())) == len(table):
         return f'recipe default: {next(iter(vals))}'
-    return 'recipe default: ' + ', '.join(f'{"/".join(names)} {v}' for v, names in vals.items())
+    return 'recipe default: ' + ', '.join(f'{"/".join(n)} {v}' for v, n in vals.items()) if vals else ''
 
 
-def resolve_config(args, recipe):
-    """Merge argparse flags (default None = not given) over a recipe row; returns a plain dict.
+def add_common_flags(p, recipes):
+    """The flags every stage has, with the same names (the official scripts' where they exist)."""
+    def r(key, text):
+        return f'{text} ({recipe_help(recipes, key) or "no recipe default"})'
+    g = p.add_argument_group('optimisation (recipe defaults)')
+    g.add_argument('--epochs', type=int, help=r('epochs', 'epochs; the cosine spans all of them'))
+    g.add_argument('--warmup_epochs', type=int, help=r('warmup_epochs', 'linear warm-up from 0'))
+    g.add_argument('--lr', type=float, help=r('lr', 'BASE lr: the peak is lr x total_batch / 256'))
+    g.add_argument('--min_lr', type=float, help=r('min_lr', 'final lr of the cosine, scaled like --lr'))
+    g.add_argument('--weight_decay', type=float, help=r('weight_decay', 'weight decay'))
+    g.add_argument('--total_batch', type=int, help=r('total_batch', 'clips per optimiser step, all '
+                   'processes; reached by gradient accumulation'))
+    g.add_argument('--batch_size', type=int, help=r('batch_size', 'clips per process and forward; '
+                   'unset: the largest that splits --total_batch over the processes'))
+    g.add_argument('--clip_grad', type=float, help='clip the gradient norm (the recipes do not clip)')
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', help='checkpoints, log.jsonl, config.json (default runs/<stage>-..)')
+    g.add_argument('--resume', default='auto', help="'auto' (default): the latest checkpoint in "
+                   "--output_dir; a path; '' to start fresh")
+    g.add_argument('--save_ckpt_freq', type=int, help=r('save_ckpt_freq', 'keep every N-th epoch\'s '
+                   'checkpoint; the latest is always kept'))
+    g.add_argument('--num_workers', type=int, help=r('num_workers', 'decoding processes per process'))
+    g.add_argument('--seed', type=int, default=0, help='init, sampling, augmentation (default 0)')
+    g.add_argument('--device', default='auto', help='auto (a GPU if there is one), cpu or cuda')
+    g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
+                   help='auto: bf16 on GPUs that have it, else fp16 + loss scaling; fp32 on CPU')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model (long runs)')
+    g.add_argument('--log_dir', help='also write TensorBoard curves here (needs `tensorboard`)')
 
-    Every recipe key must exist as a flag, so that each default can be overridden."""
+
+def add_shape_flags(p, recipes):
+    g = p.add_argument_group("model shape (default: the initial checkpoint's, else the recipe's)")
+    g.add_argument('--model', type=model_name, help=f'{", ".join(SIZES)} ({recipe_help(recipes, "model")})')
+    for key, text in [('embed_dim', 'encoder width'), ('depth', 'encoder blocks'),
+                      ('num_heads', 'encoder heads'), ('patch_size', 'patch side in pixels'),
+                      ('tubelet_size', 'frames per cube')]:
+        default = recipe_help(recipes, key) or "default: the --model size's"
+        g.add_argument(f'--{key}', type=int, help=f'{text} ({default})')
+    return g
+
+
+def add_data_flags(p, recipes, datasets=None):
+    """--dataset (datasets: default the recipe rows), --data_path and the clip flags."""
+    def r(key, text):
+        return f'{text} ({recipe_help(recipes, key)})'
+    g = p.add_argument_group('data')
+    g.add_argument('--dataset', choices=datasets or list(recipes), help='which recipe row and reader (default: '
+                   'synthetic, generated on first use)')
+    g.add_argument('--data_path', help='the dataset folder as downloaded (README: datasets); a list '
+                   'file or its folder for --dataset list; synthetic: the generated cache')
+    g.add_argument('--fold', type=int, default=1, help='UCF101/HMDB51 split, 1-3 (default 1)')
+    g.add_argument('--num_frames', type=int, help=r('num_frames', 'frames per clip'))
+    g.add_argument('--sampling_rate', type=int, help=r('sampling_rate', 'stride between frames'))
+    g.add_argument('--input_size', type=int, help=r('input_size', 'crop side in pixels'))
+    return g
+
+
+def check_clip_flags(cfg):
+    """Clips must cut into whole cubes; a real dataset needs its folder."""
+    p, t = cfg.get('patch_size') or 16, cfg.get('tubelet_size') or 2
+    if cfg['num_frames'] % t:
+        flag_error(f"--num_frames {cfg['num_frames']} is not divisible by the tubelet size {t} (frames "
+                   f"per cube); use a multiple of {t}")
+    if cfg['input_size'] % p:
+        flag_error(f"--input_size {cfg['input_size']} is not divisible by the patch size {p}; use a "
+                   f"multiple of {p}, e.g. {max(p, cfg['input_size'] // p * p)}")
+    if cfg.get('dataset', 'synthetic') != 'synthetic' and not cfg['data_path']:
+        flag_error(f"--dataset {cfg['dataset']} needs --data_path (the folder you downloaded; README)")
+
+
+def shape(cfg):
+    """model.build_* overrides of this config: the shape flags given, the clip size."""
+    kw = {k: cfg[k] for k in SHAPE_KEYS[1:] if cfg.get(k) is not None}
+    return dict(kw, img_size=cfg['input_size'], num_frames=cfg['num_frames'])
+
+
+def resolve(parser, argv, recipe_of, output_of, init_flag=None, init_keys=SHAPE_KEYS):
+    """Flags > the config of the checkpoint being resumed > the initial weights' config (init_flag,
+    e.g. --finetune: its init_keys; all keys: the run is that checkpoint's, no auto-resume) > the recipe
+    row recipe_of(cfg). --resume auto finds the latest checkpoint of the output folder and resolves
+    again with it. -> a plain dict, checked before any work."""
+    args = parser.parse_args(argv)
+    saved = checkpoint_meta(args.resume)['config'] if args.resume not in ('auto', '') else {}
+    init = getattr(args, init_flag) if init_flag else None
+    init = checkpoint_meta(init)['config'] if init else {}
     cfg = dict(vars(args))
-    for key, value in recipe.items():
+    for source in (saved, {k: v for k, v in init.items() if init_keys is None or k in init_keys}):
+        cfg.update({k: v for k, v in source.items() if k in cfg and cfg[k] is None and k != 'output_dir'})
+    if 'dataset' in cfg:
+        cfg['dataset'] = cfg['dataset'] or 'synthetic'
+    for key, value in recipe_of(cfg).items():
         if key not in cfg:
             raise KeyError(f'recipe key {key!r} has no command-line flag')
-        if cfg[key] is None:
-            cfg[key] = value
+        cfg[key] = value if cfg[key] is None else cfg[key]
+    cfg['output_dir'] = cfg['output_dir'] or (os.path.dirname(os.path.abspath(args.resume)) if saved
+                                              else os.path.join('runs', output_of(cfg)))
+    if args.resume == 'auto' and latest_checkpoint(cfg['output_dir']) and not (init and init_keys is None):
+        return resolve(parser, [*(sys.argv[1:] if argv is None else argv), '--resume',
+                                latest_checkpoint(cfg['output_dir'])], recipe_of, output_of, init_flag, init_keys)
+    for key in ('epochs', 'total_batch', 'num_frames', 'input_size', 'sampling_rate', 'save_ckpt_freq',
+                'test_clips', 'test_crops', 'short_side', 'batch_size'):
+        if cfg.get(key) is not None and cfg[key] < 1:
+            flag_error(f'--{key} must be at least 1, got {cfg[key]}')
+    if cfg.get('num_workers') is not None and cfg['num_workers'] < 0:
+        flag_error(f'--num_workers must be 0 (decode in the main process) or more, got {cfg["num_workers"]}')
+    if cfg['warmup_epochs'] > cfg['epochs']:
+        flag_error(f'--warmup_epochs {cfg["warmup_epochs"]} is longer than --epochs {cfg["epochs"]}')
+    cfg['batch_size'], cfg['accum_iter'] = fit_batch(cfg['total_batch'], cfg['batch_size'],
+                                                     int(os.environ.get('WORLD_SIZE', 1)),
+                                                     args.batch_size is not None)
     return cfg
+
+
+def fit_batch(total, batch, world, explicit):
+    """-> (clips per process and forward, accumulation steps) with batch x world x steps = total.
+    An explicit --batch_size must fit; otherwise the largest batch up to the recipe's that does."""
+    if explicit:
+        if total % (batch * world):
+            flag_error(f'--total_batch {total} is not a multiple of --batch_size {batch} x {world} '
+                       f'process(es) = {batch * world}; change --batch_size or --total_batch')
+        return batch, total // (batch * world)
+    if total % world:
+        lo, hi = total // world * world, -(-total // world) * world
+        flag_error(f'--total_batch {total} cannot be split over {world} processes; use '
+                   f'--total_batch {max(lo, world)} or {hi} (multiples of {world})')
+    per_rank = total // world
+    batch = max(d for d in range(1, min(batch, per_rank) + 1) if per_rank % d == 0)
+    return batch, per_rank // batch
 
 
 def format_config(cfg):
@@ -57,13 +200,12 @@ def format_config(cfg):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Distributed: one code path for `python script.py` and `torchrun --nproc_per_node=N script.py`.
+# Distributed: one code path for `python X.py` and `torchrun --nproc_per_node=N X.py`.
 
 @dataclass
 class Dist:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
     device: torch.device = torch.device('cpu')
 
     @property
@@ -71,46 +213,34 @@ class Dist:
         return self.rank == 0
 
 
-def init_distributed(device_arg=None):
-    """Reads torchrun's environment. NCCL on GPUs, gloo on CPU. device_arg: 'cpu', 'cuda' or None (auto)."""
-    use_cuda = torch.cuda.is_available() if device_arg in (None, 'auto') else device_arg.startswith('cuda')
+def init_distributed(device_arg='auto'):
+    """Reads torchrun's environment. NCCL on GPUs, gloo on CPU."""
+    use_cuda = torch.cuda.is_available() if device_arg == 'auto' else device_arg.startswith('cuda')
     if use_cuda and not torch.cuda.is_available():
         raise SystemExit('error: --device cuda was asked for but no CUDA device is visible')
-    world_size = int(os.environ.get('WORLD_SIZE', 1))
-    rank = int(os.environ.get('RANK', 0))
-    local_rank = int(os.environ.get('LOCAL_RANK', 0))
+    world_size, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
+    device = torch.device('cpu')
     if use_cuda:
-        torch.cuda.set_device(local_rank)
-        device = torch.device('cuda', local_rank)
-    else:
-        device = torch.device('cpu')
+        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if use_cuda else 'gloo',
-                                device_id=device if use_cuda else None)
-    return Dist(rank, world_size, local_rank, device)
+        dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None)
+    return Dist(rank, world_size, device)
 
 
 def cleanup_distributed():
-    if dist.is_available() and dist.is_initialized():
+    if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
 
 
-def all_reduce_mean(value, device):
-    """Mean of a python float over ranks (for logging only)."""
-    if not (dist.is_available() and dist.is_initialized()):
-        return float(value)
-    t = torch.tensor([float(value)], device=device)
-    dist.all_reduce(t)
-    return t.item() / dist.get_world_size()
-
-
-def all_reduce_sum(values, device):
-    """Elementwise sum of a list of numbers over ranks."""
-    t = torch.tensor([float(v) for v in values], device=device, dtype=torch.float64)
-    if dist.is_available() and dist.is_initialized():
+def all_reduce_mean(t):
+    """Mean over ranks of a tensor (for logs and the finite check: every rank then decides alike)."""
+    if dist.is_initialized():
+        t = t.clone()
         dist.all_reduce(t)
-    return t.tolist()
+        t /= dist.get_world_size()
+    return t
 
 
 def seed_everything(seed):
@@ -120,114 +250,51 @@ def seed_everything(seed):
 
 
 # ----------------------------------------------------------------------------------------------------
-# Batch size and learning rate (appendix § B: lr = base lr x total batch / 256).
-
-def accumulation_steps(total_batch, batch_size, world_size):
-    """Gradient-accumulation steps so that batch_size x world_size x steps == total_batch."""
-    per_step = batch_size * world_size
-    if total_batch % per_step:
-        raise SystemExit(f'error: the total batch {total_batch} is not a multiple of --batch_size {batch_size} '
-                         f'x {world_size} process(es) = {per_step}; change --batch_size or --total_batch')
-    return total_batch // per_step
-
+# Optimisation: appendix § B scales the lr with the batch; cosine per iteration after a linear warm-up.
 
 def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value):
-    """Per-iteration value: linear warm-up from 0 to base, then half a cosine down to final (official)."""
     if step < warmup_steps:
         return base_value * step / warmup_steps
     progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
     return final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-NO_DECAY_NAMES = ('pos_embed', 'mask_token', 'cls_token')
-
-
 def layer_id(name, depth):
     """Layer of a parameter for layer-wise lr decay: embedding 0, block i -> i + 1, the rest depth + 1."""
-    name = name.removeprefix('module.').removeprefix('encoder.')
+    name = name.removeprefix('encoder.')
     if name.startswith(('patch_embed', 'pos_embed', 'mask_token', 'cls_token')):
         return 0
-    if name.startswith('blocks.'):
-        return int(name.split('.')[1]) + 1
-    return depth + 1
+    return int(name.split('.')[1]) + 1 if name.startswith('blocks.') else depth + 1
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, depth=None):
-    """AdamW groups: no weight decay for biases, norms (1-D) and tokens; lr_scale = decay^(depth+1-layer).
-
-    layer_decay 1.0 (pre-training) gives two groups with lr_scale 1."""
+    """AdamW groups: no weight decay on biases, norms and tokens (1-D); lr_scale = decay^(depth+1-layer).
+    layer_decay 1 (pre-training, from scratch) gives two groups."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith('.bias') or any(t in name for t in NO_DECAY_NAMES)
+        no_decay = p.ndim <= 1 or name.endswith('.bias') or 'token' in name or 'pos_embed' in name
         layer = layer_id(name, depth) if layer_decay < 1.0 else 0
-        scale = layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0
-        key = (layer, no_decay)
-        if key not in groups:
-            groups[key] = {'params': [], 'names': [], 'weight_decay': 0.0 if no_decay else weight_decay,
-                           'lr_scale': scale, 'layer': layer}
-        groups[key]['params'].append(p)
-        groups[key]['names'].append(name)
+        g = groups.setdefault((layer, no_decay), {
+            'params': [], 'weight_decay': 0.0 if no_decay else weight_decay, 'layer': layer,
+            'lr_scale': layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0})
+        g['params'].append(p)
     return [groups[k] for k in sorted(groups)]
 
 
 def make_adamw(groups, lr, betas, device):
-    """AdamW (eps 1e-8 as the official code); the fused kernel on GPU and CPU (one pass over the parameters:
-    on a 2-core CPU ~8x faster than the per-tensor loop for ViT-B's 94M parameters, same maths to 1 ulp)."""
-    fused = device.type in ('cuda', 'cpu')
-    opt_groups = [{k: v for k, v in g.items() if k != 'names'} for g in groups]
-    return torch.optim.AdamW(opt_groups, lr=lr, betas=tuple(betas), eps=1e-8, fused=fused or None)
+    """AdamW, eps 1e-8 as the official code; fused on GPU and CPU (one kernel over all parameters:
+    on 2 CPU cores ~8x faster than the per-tensor loop for ViT-B, the same maths to 1 ulp)."""
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=1e-8,
+                             fused=device.type in ('cuda', 'cpu'))
 
-
-def set_lr(optimizer, lr):
-    for g in optimizer.param_groups:
-        g['lr'] = lr * g.get('lr_scale', 1.0)
-
-
-def optimizer_step(optimizer, scaler):
-    """One optimiser step; with an fp16 GradScaler it skips steps whose gradients overflowed. Then zero grads."""
-    if scaler is None:
-        optimizer.step()
-    else:
-        scaler.step(optimizer)
-        scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def grad_norm(parameters):
-    grads = [p.grad.detach().float().norm() for p in parameters if p.grad is not None]
-    return torch.stack(grads).norm().item() if grads else 0.0
-
-
-def unscaled_grad_norm(optimizer, scaler, max_norm=None):
-    """L2 norm of the gradients of all the optimiser's parameters, in true units: an fp16 GradScaler's factor
-    is divided out first (unscale_; scaler.step then does not divide again), so the logged norm means the
-    same at every precision. With max_norm the gradients are clipped to it; the norm returned is the one
-    before clipping (what clip_grad_norm_ returns). inf/nan when an fp16 step overflowed (the scaler skips it)."""
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    params = [p for g in optimizer.param_groups for p in g['params']]
-    if max_norm:
-        return torch.nn.utils.clip_grad_norm_(params, max_norm).item()
-    return grad_norm(params)
-
-
-# ----------------------------------------------------------------------------------------------------
-# Mixed precision.
 
 def amp_setup(device, precision='auto'):
-    """Returns (autocast context factory, GradScaler or None, name).
-
-    auto: bf16 on GPUs that support it (no scaler needed), else fp16 with a dynamic loss scaler; fp32 on CPU
-    (bf16 autocast on CPU is a flag away: --precision bf16)."""
+    """-> (autocast context factory, GradScaler or None, precision name)."""
     if precision == 'auto':
-        if device.type == 'cuda':
-            precision = 'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
-        else:
-            precision = 'fp32'
-    if precision not in ('fp32', 'bf16', 'fp16'):
-        raise SystemExit(f'error: --precision must be auto, fp32, bf16 or fp16, not {precision!r}')
+        precision = 'fp32' if device.type != 'cuda' else \
+            'bf16' if torch.cuda.is_bf16_supported() else 'fp16'
     if precision == 'fp16' and device.type != 'cuda':
         raise SystemExit('error: --precision fp16 needs a GPU; use bf16 or fp32 on CPU')
     if precision == 'fp32':
@@ -237,64 +304,73 @@ def amp_setup(device, precision='auto'):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, precision
 
 
-def check_finite(loss_value, step, output_dir):
-    if not math.isfinite(loss_value):
-        raise SystemExit(f'error: the loss is {loss_value} at step {step}; stopping. The last good checkpoint '
-                         f'in {output_dir} is kept: resume from it with a lower --lr or --precision fp32.')
-
-
 # ----------------------------------------------------------------------------------------------------
-# Checkpoints: atomic writes, automatic resume, exact RNG restore.
+# Checkpoints: atomic writes, the latest found by name, every RNG restored (exact resume).
 
 def save_checkpoint(path, state):
-    """Write to a temporary file in the same folder, fsync, then rename: a crash never leaves half a file."""
-    path = os.fspath(path)
+    """Temporary file in the same folder, fsync, rename: a crash or a full disk never leaves half a
+    file under the real name, and the previous checkpoints stay."""
     tmp = f'{path}.tmp.{os.getpid()}'
-    with open(tmp, 'wb') as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, 'wb') as f:
+            torch.save(state, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:          # torch.save reports a short write as RuntimeError
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise SystemExit(f'error: writing {path} failed ({str(e).splitlines()[0][:200]}): is the disk '
+                         f'full or over quota? The earlier checkpoints in {os.path.dirname(path)} are '
+                         'kept; free space and rerun the same command to resume') from None
 
 
 def checkpoint_name(epoch, step_in_epoch=0):
-    """checkpoint-00040.pth: 40 epochs done. checkpoint-00040-000123.pth: 123 steps into epoch 40 (pre-empted)."""
-    return f'checkpoint-{epoch:05d}.pth' if step_in_epoch == 0 else f'checkpoint-{epoch:05d}-{step_in_epoch:06d}.pth'
+    """checkpoint-00040.pth: 40 epochs done; checkpoint-00040-000123.pth: 123 steps into epoch 41."""
+    return f'checkpoint-{epoch:05d}' + (f'-{step_in_epoch:06d}' if step_in_epoch else '') + '.pth'
 
 
-def latest_checkpoint(output_dir):
-    """The checkpoint with the highest (epoch, step) in output_dir, by file name; None if there is none."""
-    found = []
-    if os.path.isdir(output_dir):
-        for name in os.listdir(output_dir):
-            m = re.fullmatch(r'checkpoint-(\d+)(?:-(\d+))?\.pth', name)
-            if m:
-                found.append((int(m[1]), int(m[2] or 0), os.path.join(output_dir, name)))
-    return max(found)[2] if found else None
+def _checkpoints(folder):
+    """{(epoch, step): path} of the checkpoints in folder."""
+    found = {}
+    for name in os.listdir(folder) if os.path.isdir(folder) else ():
+        m = re.fullmatch(r'checkpoint-(\d+)(?:-(\d+))?\.pth', name)
+        if m:
+            found[int(m[1]), int(m[2] or 0)] = os.path.join(folder, name)
+    return found
+
+
+def latest_checkpoint(folder):
+    found = _checkpoints(folder)
+    return found[max(found)] if found else None
 
 
 def load_state(path):
-    """Our own training checkpoint (weights_only: tensors, numbers, strings, lists, dicts only)."""
+    """One of our checkpoints, weights_only (tensors, numbers, strings, lists and dicts only)."""
+    if not os.path.isfile(path):
+        raise SystemExit(f'error: checkpoint {path}: no such file')
+    if os.path.getsize(path) == 0:
+        raise SystemExit(f'error: checkpoint {path} is an empty file')
     try:
-        return torch.load(path, map_location='cpu', weights_only=True)
+        with torch.serialization.safe_globals([argparse.Namespace]):   # official files pickle their args
+            return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
-        raise SystemExit(f'error: cannot read checkpoint {path}: {e}') from None
+        raise SystemExit(f'error: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
+                         f'{str(e).splitlines()[0][:200]})') from None
 
 
-def resolve_resume(resume, output_dir):
-    """--resume auto | PATH | '' -> a checkpoint path or None."""
-    if not resume:
-        return None
-    if resume == 'auto':
-        return latest_checkpoint(output_dir)
-    if not os.path.isfile(resume):
-        raise SystemExit(f'error: --resume {resume}: no such file')
-    return resume
+def checkpoint_meta(path):
+    """{'config', 'classes', 'stage'} of a checkpoint (mmap: no tensor is read); empty for official files."""
+    obj = load_state(path)
+    obj = obj if isinstance(obj, dict) else {}
+    cfg = obj.get('config')
+    return {'config': dict(cfg) if isinstance(cfg, dict) else {}, 'stage': obj.get('stage'),
+            'classes': list(obj.get('classes') or [])}
 
 
 def rng_state():
-    """All RNG states as tensors and plain values, so checkpoints load with weights_only=True."""
-    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    """Every RNG state as tensors and plain values, so checkpoints load with weights_only=True."""
+    _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {'python': list(random.getstate()[1]), 'python_version': random.getstate()[0],
              'numpy': torch.from_numpy(keys.astype(np.int64)), 'numpy_rest': [pos, has_gauss, gauss],
              'torch': torch.get_rng_state()}
@@ -312,277 +388,416 @@ def set_rng_state(state):
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
-class Preemption:
-    """SIGTERM/SIGINT set a flag; the loop saves a checkpoint at the next step boundary and exits.
-
-    A second SIGINT interrupts at once (the user really wants out)."""
-
-    def __init__(self):
-        self.requested = None
-        self._old = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self._old[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread (e.g. some notebook runners)
-                pass
-
-    def _handle(self, signum, frame):
-        if self.requested is not None and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        print(f'\n{self.requested} received: saving a checkpoint at the end of this step, then exiting',
-              file=sys.stderr, flush=True)
-
-    def should_stop(self, device):
-        """True on every rank as soon as any rank was signalled (so all ranks save at the same step)."""
-        flag = 1.0 if self.requested else 0.0
-        if dist.is_available() and dist.is_initialized():
-            flag = all_reduce_sum([flag], device)[0]
-        return flag > 0
+def lock_output_dir(folder):
+    """Create folder and hold an exclusive lock on it for this process's life: a second run into the
+    same folder refuses instead of interleaving logs and overwriting checkpoints. The kernel drops the
+    lock when the holder dies, so a stale lock never blocks."""
+    if os.path.exists(folder) and not os.path.isdir(folder):
+        raise SystemExit(f'error: --output_dir {folder} is a file, not a folder; pass another path')
+    os.makedirs(folder, exist_ok=True)
+    f = open(os.path.join(folder, '.lock'), 'a+')
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        f.seek(0)
+        raise SystemExit(f'error: --output_dir {folder} is in use by another run (pid '
+                         f'{f.read().strip() or "?"}); wait for it or pass another --output_dir') from None
+    f.truncate(0)
+    f.write(str(os.getpid()))
+    f.flush()
+    return f                                      # keep a reference: closing it releases the lock
 
 
 # ----------------------------------------------------------------------------------------------------
-# Logging.
+# The run: what every stage's loop shares.
 
-class JsonlLog:
-    """Append-only JSON-lines log (rank 0 only); survives resumes."""
+@dataclass
+class Run:
+    cfg: dict
+    stage: str
+    dist: Dist
+    model: torch.nn.Module            # the plain module: checkpoints and evaluation
+    net: torch.nn.Module              # what the loop calls: DDP and/or torch.compile around it
+    optimizer: torch.optim.Optimizer
+    loader: torch.utils.data.DataLoader
+    classes: list
+    failures: object                  # data.FailureLog: unreadable videos, counted per epoch
+    scaler: object = None
+    autocast: object = nullcontext
+    precision: str = 'fp32'
+    steps_per_epoch: int = 0
+    start_epoch: int = 0
+    start_step: int = 0
+    clips_per_step: int = 0
+    lock: object = None
+    log: object = None
+    bar: object = None
+    meter: object = None
+    batches: object = None
+    preempt: object = None
+    it: int = 0
+    lr: float = 0.0
 
-    def __init__(self, path, enabled=True):
-        self.path = path if enabled else None
 
-    def write(self, **record):
-        if self.path:
-            record.setdefault('time', round(time.time(), 3))
-            with open(self.path, 'a') as f:
-                f.write(json.dumps(record) + '\n')
+def start(cfg, stage, d, model, optimizer, loader, classes, failures, net=None, clips_per_video=1):
+    """Everything before the first step: lock the output folder, mixed precision, resume (weights,
+    optimiser, scaler, this rank's RNG, the position in the schedule), DDP, the logs, the config
+    printed and saved. net: the module the loop calls, if it is not `model` (detect.py)."""
+    run = Run(cfg, stage, d, model, net or model, optimizer, loader, classes, failures)
+    run.lock = lock_output_dir(cfg['output_dir']) if d.is_main else None
+    run.autocast, run.scaler, run.precision = amp_setup(d.device, cfg['precision'])
+    run.steps_per_epoch = loader.sampler.num_samples // cfg['batch_size'] // cfg['accum_iter']
+    if run.steps_per_epoch < 1:
+        raise SystemExit(f"error: {len(loader.dataset)} training items do not fill one step of "
+                         f"--total_batch {cfg['total_batch']}; lower it or add data")
+    run.clips_per_step = cfg['total_batch'] * clips_per_video
+    path = cfg['resume'] if cfg['resume'] not in ('auto', '') else None
+    if path:
+        resume(run, path)
+    if d.world_size > 1:
+        ids = [d.device.index] if d.device.type == 'cuda' else None
+        run.net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=ids)
+    run.net = torch.compile(run.net) if cfg.get('compile') else run.net
+    cfg.update(world_size=d.world_size, steps_per_epoch=run.steps_per_epoch, precision_used=run.precision)
+    run.it = run.start_epoch * run.steps_per_epoch + run.start_step
+    run.log = Log(cfg['output_dir'], d.is_main, cfg.get('log_dir'), run.it)
+    run.preempt = Preemption()
+    if d.is_main:
+        print(f'{stage}: configuration\n' + format_config(cfg), flush=True)
+        with open(os.path.join(cfg['output_dir'], 'config.json'), 'w') as f:
+            json.dump(cfg, f, indent=1, sort_keys=True)
+        print(f"{len(loader.dataset)} training items, {run.steps_per_epoch} steps per epoch of "
+              f"{cfg['accum_iter']} x {cfg['batch_size']} clips x {d.world_size} process(es); "
+              f"peak lr {cfg['lr'] * cfg['total_batch'] / 256:.3g} = {cfg['lr']:g} x "
+              f"{cfg['total_batch']} / 256; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
+              f"parameters; {run.precision} on {d.device}"
+              + (f'; resuming {path} at epoch {run.start_epoch} step {run.start_step}' if path else ''),
+              flush=True)
+    total = cfg['epochs'] * run.steps_per_epoch
+    run.bar = tqdm(total=total, initial=min(run.it, total), disable=not d.is_main, unit='step',
+                   dynamic_ncols=True)
+    return run
+
+
+def resume(run, path):
+    state = load_state(path)
+    if state.get('stage') != run.stage:
+        what = f"a {state['stage']!r}" if state.get('stage') else 'not a training'
+        raise SystemExit(f'error: --resume {path} is {what} checkpoint, not a {run.stage!r} one; give '
+                         'it as the initial weights (--finetune) and a fresh --output_dir instead')
+    try:
+        run.model.load_state_dict(state['model'])
+    except RuntimeError as e:
+        raise SystemExit(f'error: --resume {path} does not fit the model these flags build (another '
+                         f'size or shape flag?): {str(e)[:300]}') from None
+    run.optimizer.load_state_dict(state['optimizer'])
+    if run.scaler is not None and state.get('scaler'):
+        run.scaler.load_state_dict(state['scaler'])
+    ranks = state.get('rng_ranks') or [state['rng']]
+    set_rng_state(ranks[run.dist.rank] if run.dist.rank < len(ranks) else state['rng'])
+    run.start_epoch, run.start_step = state['epoch'], state['step_in_epoch']
+    if run.start_step >= run.steps_per_epoch:     # saved after an epoch's last step
+        run.start_epoch, run.start_step = run.start_epoch + 1, 0
+
+
+def steps(run, epoch):
+    """The optimiser steps of one epoch, resuming where a checkpoint left off. Between steps, a
+    SIGTERM/SIGINT on any rank saves a mid-epoch checkpoint and exits 0 (cluster pre-emption)."""
+    cfg, first = run.cfg, run.start_step if epoch == run.start_epoch else 0
+    # the sampler skips what a resumed run already saw; leftovers that cannot fill a step never come
+    run.loader.sampler.set_epoch(epoch, skip=first * cfg['accum_iter'] * cfg['batch_size'])
+    run.batches, run.meter = iter(run.loader), StepMeter(run.clips_per_step)
+    run.model.train()
+    for step in range(first, run.steps_per_epoch):
+        run.it = epoch * run.steps_per_epoch + step
+        yield step
+        if step + 1 < run.steps_per_epoch and run.preempt.should_stop(run.dist.device):
+            stop(run, save(run, epoch, step + 1))
+
+
+def stop(run, path):
+    run.bar.close()
+    if run.dist.is_main:
+        print(f'{run.preempt.requested or "another rank was signalled"}: saved {path}; the same command '
+              'resumes', flush=True)
+    cleanup_distributed()
+    raise SystemExit(0)
+
+
+def train_step(run, loss_of):
+    """One optimiser step over accum_iter micro-batches: lr of this iteration, autocast, backward
+    (DDP all-reduces on the last micro-batch only), grad norm (and clipping), a finite check before
+    the update, the step record. loss_of(batch, micro) -> the stage's loss of one micro-batch."""
+    cfg, accum, dev = run.cfg, run.cfg['accum_iter'], run.dist.device
+    scale, total = cfg['total_batch'] / 256, cfg['epochs'] * run.steps_per_epoch
+    run.lr = cosine_schedule(run.it, total, cfg['warmup_epochs'] * run.steps_per_epoch,
+                             cfg['lr'] * scale, cfg['min_lr'] * scale)
+    for g in run.optimizer.param_groups:
+        g['lr'] = run.lr * g.get('lr_scale', 1.0)     # layer decay scales every group but the head
+    run.meter.start_step()
+    loss_sum = torch.zeros((), device=dev)
+    for micro in range(accum):
+        batch = run.meter.next(run.batches)
+        run.failures.update(batch['failed'])
+        last = micro == accum - 1 or run.dist.world_size == 1
+        with nullcontext() if last else run.net.no_sync():
+            with run.autocast():
+                loss = loss_of(batch, micro) / accum
+            (run.scaler.scale(loss) if run.scaler else loss).backward()
+        loss_sum += loss.detach().float()               # no host sync per micro-batch
+    if run.scaler is not None:
+        run.scaler.unscale_(run.optimizer)              # the norm and the clip in true units
+    params = [p for g in run.optimizer.param_groups for p in g['params'] if p.grad is not None]
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg['clip_grad']) if cfg['clip_grad'] else \
+        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    loss = all_reduce_mean(loss_sum).item()             # one sync per step: every rank stops alike
+    if not math.isfinite(loss):
+        raise SystemExit(f"error: the loss is {loss} at step {run.it + 1}; stopping before it reaches the "
+                         f"weights. The last good checkpoint in {cfg['output_dir']} is kept: resume "
+                         "from it with a lower --lr or --precision fp32")
+    if run.scaler is None:
+        run.optimizer.step()
+    else:                                               # fp16: skips a step whose gradients overflowed
+        run.scaler.step(run.optimizer)
+        run.scaler.update()
+    run.optimizer.zero_grad(set_to_none=True)
+    speed = run.meter.end_step(loss)
+    run.log.write('step', run.it + 1, epoch=run.it // run.steps_per_epoch, loss=loss, lr=run.lr,
+                  grad_norm=gnorm.item(), **speed)
+    run.bar.set_postfix_str(f"ep {run.it // run.steps_per_epoch + 1}/{cfg['epochs']} loss {loss:.4f} "
+                            f"lr {run.lr:.2e} {speed['clips_per_s']:.1f} clips/s", refresh=False)
+    run.bar.update(1)
+    return loss
+
+
+def end_epoch(run, epoch, **metrics):
+    """After the last step of `epoch` (0-based): the unreadable-video report, the epoch record (plus
+    the stage's metrics), the checkpoint and its retention; exits 0 if pre-empted meanwhile.
+    -> the checkpoint's path if it is one kept for good (every save_ckpt_freq-th and the last)."""
+    cfg, m = run.cfg, run.meter
+    run.failures.end_epoch(m.steps * cfg['total_batch'] // run.dist.world_size)
+    if m.steps:                                   # nothing ran when resumed at the epoch's end
+        s = dict(epoch=epoch + 1, lr=run.lr, **m.summary(), **metrics)
+        run.log.write('epoch', (epoch + 1) * run.steps_per_epoch, **s)
+        if run.dist.is_main:
+            tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  " + '  '.join(
+                f'{k} {v:.4g}' for k, v in s.items() if k not in ('epoch', 'epoch_s')))
+    path = save(run, epoch + 1, 0)
+    if run.preempt.should_stop(run.dist.device):
+        stop(run, path)
+    kept = (epoch + 1) % cfg['save_ckpt_freq'] == 0 or epoch + 1 == cfg['epochs']
+    return path if kept else None
+
+
+def save(run, epoch, step_in_epoch):
+    """The checkpoint (every rank's RNG and weight sums gathered, rank 0 writes it atomically), then
+    retention: every other checkpoint goes unless it ends an epoch that is a multiple of
+    --save_ckpt_freq. Ranks whose weights differ (DDP keeps them equal) are reported."""
+    weights = [v for v in run.model.state_dict().values() if v.is_floating_point()]
+    mine = (rng_state(), torch.stack([v.double().sum() for v in weights]).tolist())
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * dist.get_world_size()
+        dist.all_gather_object(ranks, mine)
+    sums = [s for _, s in ranks]
+    if run.dist.is_main and any(s != sums[0] for s in sums):
+        print('warning: the ranks hold different weights (a module outside DDP?)', file=sys.stderr)
+    ranks = [r for r, _ in ranks]
+    path = os.path.join(run.cfg['output_dir'], checkpoint_name(epoch, step_in_epoch))
+    if run.dist.is_main:
+        state = {'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
+                 'scaler': run.scaler.state_dict() if run.scaler else None, 'config': run.cfg,
+                 'stage': run.stage, 'epoch': epoch, 'step_in_epoch': step_in_epoch,
+                 'rng': ranks[0], 'rng_ranks': ranks, 'rank_weight_sums': sums,
+                 'classes': list(run.classes)}
+        save_checkpoint(path, state)
+        for (e, s), old in _checkpoints(run.cfg['output_dir']).items():
+            if old != path and (s or e % run.cfg['save_ckpt_freq']):
+                os.remove(old)
+    return path
+
+
+class Preemption:
+    """SIGTERM/SIGINT set a flag that the loop checks between steps. A second SIGINT stops at once."""
+
+    def __init__(self):
+        self.requested = None
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._handle)
+
+    def _handle(self, signum, frame):
+        if self.requested and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.requested = signal.Signals(signum).name
+        print(f'\n{self.requested}: saving a checkpoint after this step, then exiting', file=sys.stderr,
+              flush=True)
+
+    def should_stop(self, device):
+        """True on every rank as soon as any rank was signalled (so all save at the same step)."""
+        flag = torch.tensor(float(self.requested is not None), device=device)
+        if dist.is_initialized():
+            dist.all_reduce(flag)
+        return bool(flag > 0)
 
 
 class StepMeter:
-    """Speed of a training loop, measured the same way in every stage. Per optimiser step: the wall time
-    (step_s), the part of it the main process sat blocked in next(loader) (data_wait_s) and clips/s; per
-    epoch: the mean loss, clips/s and the share of the time spent waiting for data (near 0: the model is the
-    bottleneck; large: more --num_workers or faster storage would help).
-
-    clips_per_step: clips through the model per optimiser step, all ranks together (total batch x clips
-    per video). One meter per epoch: per step start_step(), batch = meter.next(batches) for every
-    micro-batch, end_step(loss) after the optimiser step -> the step's log fields; summary() at the end."""
+    """Per optimiser step: wall time, the time blocked in next(loader) and clips/s; per epoch: mean
+    loss, clips/s and the share of time waiting for data (large: more --num_workers would help)."""
 
     def __init__(self, clips_per_step):
-        self.clips_per_step = clips_per_step
-        self.steps, self.loss_sum, self.wait_sum, self.time_sum = 0, 0.0, 0.0, 0.0
+        self.clips_per_step, self.steps, self.loss, self.wait_sum, self.time_sum = clips_per_step, 0, 0, 0, 0
 
     def start_step(self):
         self.t0, self.wait = time.perf_counter(), 0.0
 
     def next(self, batches):
-        """next(batches), timing how long the loader kept the step waiting."""
         t = time.perf_counter()
         batch = next(batches)
         self.wait += time.perf_counter() - t
         return batch
 
     def end_step(self, loss):
-        """Call after the optimiser step (the loss .item() calls have synchronised the GPU, so the time is
-        the step's, not the launch's). Returns dict(clips_per_s, step_s, data_wait_s) for the step record."""
         dt = time.perf_counter() - self.t0
-        self.steps += 1
-        self.loss_sum += loss
-        self.wait_sum += self.wait
-        self.time_sum += dt
+        self.steps, self.loss = self.steps + 1, self.loss + loss
+        self.wait_sum, self.time_sum = self.wait_sum + self.wait, self.time_sum + dt
         return dict(clips_per_s=round(self.clips_per_step / dt, 2), step_s=round(dt, 4),
                     data_wait_s=round(self.wait, 4))
 
     def summary(self):
-        """The steps of this epoch: dict(loss (mean), clips_per_s, data_wait (share of the time), epoch_s)."""
         t = max(self.time_sum, 1e-9)
-        return dict(loss=self.loss_sum / max(self.steps, 1),
-                    clips_per_s=round(self.steps * self.clips_per_step / t, 2),
+        return dict(loss=self.loss / max(self.steps, 1), clips_per_s=round(self.steps * self.clips_per_step / t, 2),
                     data_wait=round(self.wait_sum / t, 3), epoch_s=round(self.time_sum, 2))
 
 
-def log_epoch(meter, log, is_main, epoch, lr, epochs):
-    """End of epoch `epoch` (0-based), the same in every stage: an 'epoch' record in log.jsonl (epochs done,
-    lr, StepMeter.summary()) and one printed line above the progress bar. Nothing when no step ran (a run
-    resumed from a checkpoint taken at the epoch's end)."""
-    if not meter.steps:
-        return
-    s = dict(epoch=epoch + 1, lr=lr, **meter.summary())
-    log.write(kind='epoch', **s)
-    if is_main:
-        tqdm.write(f'epoch {s["epoch"]}/{epochs}  loss {s["loss"]:.4f}  lr {s["lr"]:.3g}  '
-                   f'{s["clips_per_s"]} clips/s  waiting for data {s["data_wait"]:.0%}')
+class Log:
+    """log.jsonl in the output folder (rank 0, appended across resumes) and, with --log_dir,
+    TensorBoard scalars at global step = optimiser steps done (a resume continues the same curves)."""
+
+    def __init__(self, output_dir, enabled=True, log_dir=None, step=0):
+        self.path = os.path.join(output_dir, 'log.jsonl') if enabled else None
+        self.tb = None
+        if enabled and log_dir:
+            try:
+                from torch.utils.tensorboard import SummaryWriter
+            except ImportError:
+                raise SystemExit('error: --log_dir needs the tensorboard package: pip install tensorboard') \
+                    from None
+            self.tb = SummaryWriter(log_dir, purge_step=step or None)   # drops points past a resume
+
+    def write(self, kind, step, **record):
+        if not self.path:
+            return
+        with open(self.path, 'a') as f:
+            f.write(json.dumps({'kind': kind, 'it': step, **record, 'time': round(time.time(), 3)}) + '\n')
+        if self.tb:
+            for k, v in record.items():
+                if isinstance(v, (int, float)) and k not in ('epoch', 'it'):
+                    self.tb.add_scalar(f'{kind}/{k}', v, step)
+            self.tb.flush()
+
+    def image(self, tag, picture, step):
+        """A (3, H, W) uint8 picture next to the curves (the reconstructions of pretrain.py)."""
+        if self.tb:
+            self.tb.add_image(tag, picture, step)
+            self.tb.flush()
 
 
 # ----------------------------------------------------------------------------------------------------
-# Evaluation: the scores of all views of a video are averaged (softmax), then top-1 / top-5.
+# Evaluation (finetune.py, linprobe.py): the softmax scores of all views of a video are averaged.
 
 class ViewMerger:
-    """Collects per-video summed softmax scores. Items are keyed by dataset index, so the padding duplicates
-    that DistributedSampler adds on some ranks are counted once when the ranks are merged."""
+    """Per-video mean softmax over its views, keyed by dataset index: the padding duplicates that
+    DistributedSampler adds on some ranks count once when the ranks are merged."""
 
     def __init__(self):
-        self.scores, self.labels = {}, {}
+        self.items = {}
 
     def add(self, indices, view_logits, labels):
         """indices (B,), view_logits (B, V, C) for the V views of each video, labels (B,)."""
         probs = view_logits.float().softmax(-1).mean(1).cpu()
         for i, p, y in zip(indices.tolist(), probs, labels.tolist()):
-            self.scores.setdefault(i, p)  # a second copy of the same video (padding) is ignored
-            self.labels[i] = y
+            self.items.setdefault(i, (p, y))
 
     def gather(self):
-        """Merge the collections of every rank (call on all ranks); returns (scores (N, C), labels (N,))."""
-        items = {i: (self.scores[i], self.labels[i]) for i in self.scores}
-        if dist.is_available() and dist.is_initialized():
+        """All ranks' videos (call on every rank) -> (scores (N, C), labels (N,)) in index order."""
+        items = dict(self.items)
+        if dist.is_initialized():
             parts = [None] * dist.get_world_size()
             dist.all_gather_object(parts, items)
             for part in parts:
                 for i, v in part.items():
                     items.setdefault(i, v)
-        keys = sorted(items)
-        if not keys:
+        if not items:
             return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+        keys = sorted(items)
         return torch.stack([items[k][0] for k in keys]), torch.tensor([items[k][1] for k in keys])
 
 
 def topk_accuracy(scores, labels, ks=(1, 5)):
     """Percent of videos whose label is among the k highest scores."""
-    out = {}
-    for k in ks:
-        k_eff = min(k, scores.shape[1])
-        hit = (scores.topk(k_eff, dim=1).indices == labels[:, None]).any(1)
-        out[f'top{k}'] = 100.0 * hit.float().mean().item()
-    return out
+    return {f'top{k}': 100.0 * (scores.topk(min(k, scores.shape[1]), 1).indices == labels[:, None])
+            .any(1).float().mean().item() for k in ks}
 
 
 def per_class_accuracy(scores, labels, classes):
     pred = scores.argmax(1)
-    rows = []
-    for c, name in enumerate(classes):
-        sel = labels == c
-        n = int(sel.sum())
-        acc = 100.0 * (pred[sel] == c).float().mean().item() if n else float('nan')
-        rows.append((name, n, acc))
-    return rows
-
-
-def write_per_class_csv(path, rows):
-    with open(path, 'w', newline='') as f:
-        w = csv.writer(f)
-        w.writerow(['class', 'videos', 'top1'])
-        for name, n, acc in rows:
-            w.writerow([name, n, f'{acc:.2f}'])
+    return [(name, int((labels == c).sum()), 100.0 * (pred[labels == c] == c).float().mean().item()
+             if (labels == c).any() else float('nan')) for c, name in enumerate(classes)]
 
 
 def compare_per_class(csv_a, csv_b, margin=5.0):
-    """Classes where model A beats B (and B beats A) by more than margin points (appendix Figures 7, 8)."""
+    """Classes where model A beats B (and B beats A) by more than margin points (appendix Figs. 7, 8)."""
     def read(p):
         with open(p, newline='') as f:
             return {r['class']: float(r['top1']) for r in csv.DictReader(f)}
     a, b = read(csv_a), read(csv_b)
     common = [c for c in a if c in b and not (math.isnan(a[c]) or math.isnan(b[c]))]
-    a_wins = sorted(((a[c] - b[c], c) for c in common if a[c] - b[c] > margin), reverse=True)
-    b_wins = sorted(((b[c] - a[c], c) for c in common if b[c] - a[c] > margin), reverse=True)
-    lines = [f'{len(common)} classes in both; margin {margin} points',
-             f'A ({csv_a}) better on {len(a_wins)}:']
-    lines += [f'  {c:<40} +{d:5.1f}  ({a[c]:.1f} vs {b[c]:.1f})' for d, c in a_wins]
-    lines.append(f'B ({csv_b}) better on {len(b_wins)}:')
-    lines += [f'  {c:<40} +{d:5.1f}  ({b[c]:.1f} vs {a[c]:.1f})' for d, c in b_wins]
+    lines = [f'{len(common)} classes in both; margin {margin} points']
+    for name, x, y in ((csv_a, a, b), (csv_b, b, a)):
+        wins = sorted(((x[c] - y[c], c) for c in common if x[c] - y[c] > margin), reverse=True)
+        lines.append(f'{"A" if x is a else "B"} ({name}) better on {len(wins)}:')
+        lines += [f'  {c:<40} +{d:5.1f}  ({x[c]:.1f} vs {y[c]:.1f})' for d, c in wins]
     return '\n'.join(lines)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Classification stages (finetune.py, linprobe.py): one evaluation loop, one report, one checkpoint layout.
-
 @torch.no_grad()
-def evaluate(model_fn, loader, device, autocast=nullcontext, failures=None, max_clips=None, desc='eval',
-             progress=True):
-    """Every view of every video in loader through model_fn; returns a ViewMerger (then .gather() on all ranks).
-
-    Batches: video uint8 (B, V, 3, T, H, W), label (B,), index (B,), failed (list of str).
-    model_fn: uint8 clips (n, 3, T, H, W) on device -> logits (n, C) (it normalises). The B*V clips go through
-    in chunks of at most max_clips: the V = clips x crops test views would otherwise multiply the memory of a
-    batch by V. failures: anything with .update(batch['failed']) (data.FailureLog)."""
-    from tqdm import tqdm
+def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefix=None, max_clips=None):
+    """Every view of every video through model_fn (uint8 clips (n, 3, T, H, W) -> logits (n, C)), in
+    chunks of max_clips (clips x crops views would multiply a batch's memory), merged over ranks ->
+    {'top1', 'top5', 'videos'}. With save_prefix rank 0 also writes <prefix>-results.json and
+    <prefix>-per-class.csv and prints the scores. Call on every rank: the gather is collective."""
     merger = ViewMerger()
-    for batch in tqdm(loader, desc=desc, disable=not progress, leave=False, dynamic_ncols=True):
-        if failures is not None:
-            failures.update(batch['failed'])
-        video = batch['video'].to(device, non_blocking=True)
-        B, V = video.shape[:2]
-        clips = video.flatten(0, 1)                                      # (B*V, 3, T, H, W), views of a video adjacent
-        chunk = max_clips or len(clips)
+    for batch in tqdm(loader, desc=title, disable=not d.is_main, leave=False, dynamic_ncols=True):
+        failures.update(batch['failed'])
+        video = batch['video'].to(d.device, non_blocking=True)          # (B, V, 3, T, H, W)
+        clips, chunk = video.flatten(0, 1), max_clips or video.shape[0] * video.shape[1]
         with autocast():
             logits = torch.cat([model_fn(clips[i:i + chunk]).float() for i in range(0, len(clips), chunk)])
-        merger.add(batch['index'], logits.view(B, V, -1), batch['label'])
-    return merger
-
-
-def classification_report(merger, classes, save_prefix=None, title='test'):
-    """Top-1/top-5 over videos (softmax of the views averaged) -> dict. With save_prefix (pass it on rank 0
-    only) also writes <prefix>-results.json and <prefix>-per-class.csv and prints the scores.
-    Call on every rank: the gather is collective."""
+        merger.add(batch['index'], logits.view(*video.shape[:2], -1), batch['label'])
+    failures.end_epoch(len(loader.dataset))
     scores, labels = merger.gather()
     if len(labels) == 0:
-        raise SystemExit('error: the evaluation saw no video (empty split?)')
+        raise SystemExit('error: the evaluation saw no video (an empty split?)')
     metrics = {**topk_accuracy(scores, labels), 'videos': len(labels)}
-    if save_prefix:
-        write_per_class_csv(f'{save_prefix}-per-class.csv', per_class_accuracy(scores, labels, classes))
+    if save_prefix and d.is_main:
+        with open(f'{save_prefix}-per-class.csv', 'w', newline='') as f:
+            w = csv.writer(f)
+            w.writerow(['class', 'videos', 'top1'])
+            w.writerows([n, k, f'{a:.2f}'] for n, k, a in per_class_accuracy(scores, labels, classes))
         with open(f'{save_prefix}-results.json', 'w') as f:
             json.dump({**metrics, 'title': title}, f, indent=1)
-        print(f"{title}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} over {len(labels)} videos "
-              f"(per class: {save_prefix}-per-class.csv)")
+        print(f"{title}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} over {len(labels)} "
+              f"videos (per class: {save_prefix}-per-class.csv)", flush=True)
     return metrics
 
 
-def training_state(stage, model, cfg, epoch, step_in_epoch, optimizer, scaler, classes):
-    """The checkpoint of the convention (api.md). Call on every rank (it gathers each rank's RNG state,
-    so that a resume with the same world size continues every rank's random stream exactly)."""
-    rng = rng_state()
-    ranks = [rng]
-    if dist.is_available() and dist.is_initialized():
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, rng)
-    return {'model': model.state_dict(), 'config': cfg, 'stage': stage, 'epoch': epoch,
-            'step_in_epoch': step_in_epoch, 'optimizer': optimizer.state_dict(),
-            'scaler': scaler.state_dict() if scaler is not None else None, 'rng': rng, 'rng_ranks': ranks,
-            'classes': list(classes)}
-
-
-def resume_training(path, stage, model, optimizer, scaler, rank=0):
-    """Restore training_state(): weights (strict), optimizer, scaler, this rank's RNG. Returns the checkpoint."""
-    state = load_state(path)
-    if state.get('stage') != stage:
-        raise SystemExit(f"error: --resume {path} is a {state.get('stage')!r} checkpoint, not a {stage!r} one; "
-                         f"to start {stage} from it pass it as the initial weights and a fresh --output_dir")
+def main(fn):
+    """The command-line boundary: a missing file or folder ends in one `error:` line, exit 1; a
+    second Ctrl-C ends quietly. Other exceptions are bugs and keep their traceback."""
     try:
-        model.load_state_dict(state['model'])
-    except RuntimeError as e:
-        raise SystemExit(f'error: --resume {path} does not fit the model these flags build (a different size or '
-                         f'shape flag?): {str(e)[:500]}') from None
-    optimizer.load_state_dict(state['optimizer'])
-    if scaler is not None and state.get('scaler'):
-        scaler.load_state_dict(state['scaler'])
-    ranks = state.get('rng_ranks') or []
-    set_rng_state(ranks[rank] if rank < len(ranks) else state['rng'])
-    return state
-
-
-def checkpoint_meta(path):
-    """{'config', 'classes', 'stage'} of one of our checkpoints without reading its tensors (mmap);
-    empty values for an official file (it has none of them)."""
-    import argparse  # official checkpoints pickle their argparse Namespace
-    if not os.path.isfile(path):
-        raise SystemExit(f'error: checkpoint {path}: no such file')
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            try:
-                obj = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
-            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-                obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise SystemExit(f'error: cannot read checkpoint {path}: {e}') from None
-    obj = obj if isinstance(obj, dict) else {}
-    cfg = obj.get('config')
-    return {'config': dict(cfg) if isinstance(cfg, dict) else {}, 'classes': list(obj.get('classes') or []),
-            'stage': obj.get('stage')}
+        fn()
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        raise SystemExit(130) from None

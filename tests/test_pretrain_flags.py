@@ -3,10 +3,11 @@ are the appendix's, explicit flags win, and the learning-rate schedule has the o
 import pytest
 
 import pretrain
+import utils
 
 
 def resolve(*argv):
-    return pretrain.resolve(pretrain.build_parser(), list(argv))
+    return pretrain.resolve(pretrain.build_parser(), [*argv, '--resume', ''])
 
 
 @pytest.mark.parametrize('argv, message', [
@@ -16,8 +17,12 @@ def resolve(*argv):
     (['--input_size', '60'], '--input_size 60 is not divisible by the patch size 8'),
     (['--dataset', 'k400', '--data_path', 'x', '--input_size', '200'], 'not divisible by the patch size 16'),
     (['--total_batch', '16', '--batch_size', '5'], '--total_batch 16 is not a multiple of --batch_size 5'),
+    (['--input_size', '0'], '--input_size must be at least 1, got 0'),
+    (['--num_workers', '-1'], '--num_workers must be 0'),
+    (['--batch_size', '0'], '--batch_size must be at least 1, got 0'),
     (['--dataset', 'kinetics'], "invalid choice: 'kinetics'"),
     (['--model', 'gigantic'], "unknown model 'gigantic'; choose from small, base, large, huge"),
+    (['--epochs', '0'], '--epochs must be at least 1, got 0'),
     (['--dataset', 'ucf101'], '--dataset ucf101 needs --data_path'),
     (['--mask_ratio', '0.01'], 'hides no cube'),
     (['--mask_type', 'block'], "invalid choice: 'block'"),
@@ -39,6 +44,8 @@ def test_batch_not_divisible_across_processes(monkeypatch, capsys):
     assert '--total_batch 192 is not a multiple of --batch_size 32 x 8 process(es) = 256' in capsys.readouterr().err
     cfg = resolve('--dataset', 'ucf101', '--data_path', 'x')     # 24 x 8 = 192, the recipe's own split
     assert cfg['batch_size'] * 8 == cfg['total_batch'] == 192
+    monkeypatch.setenv('WORLD_SIZE', '2')                        # the synthetic row on 2 processes:
+    assert (resolve()['batch_size'], resolve()['accum_iter']) == (4, 1)   # 8 = 4 x 2, no error
 
 
 def test_recipes_are_the_appendix_rows():
@@ -53,7 +60,7 @@ def test_recipes_are_the_appendix_rows():
     hmdb = resolve('--dataset', 'hmdb51', '--data_path', 'x')
     assert (ucf['mask_ratio'], ucf['epochs'], ucf['total_batch'], ucf['lr'], ucf['sampling_rate']) == (0.75, 3200, 192, 3e-4, 4)
     assert (hmdb['mask_ratio'], hmdb['epochs'], hmdb['total_batch'], hmdb['lr'], hmdb['sampling_rate']) == (0.75, 4800, 192, 3e-4, 2)
-    assert k400['model_kwargs'] == {'img_size': 224, 'num_frames': 16}   # the size's own shape
+    assert (k400['model'], k400['embed_dim'], k400['patch_size']) == ('base', None, None)  # the size's
     assert {cfg['crop'] for cfg in (k400, ssv2, ucf, hmdb)} == {'multiscale'}   # Table 9: MultiScaleCrop
     assert resolve()['crop'] == 'center'                       # synthetic: measured (README)
     assert resolve('--crop', 'multiscale')['crop'] == 'multiscale'
@@ -65,7 +72,7 @@ def test_explicit_flags_override_recipe_and_ablation_switches():
                   '--model', 'pretrain_videomae_small_patch16_224')
     assert (cfg['lr'], cfg['mask_type'], cfg['mask_ratio'], cfg['normalize_target'], cfg['model']) == \
         (1e-3, 'random', 0.75, False, 'small')
-    assert cfg['model_kwargs']['decoder_depth'] == 2
+    assert cfg['decoder_depth'] == 2 and pretrain.build_model(cfg).decoder.blocks.__len__() == 2
     assert cfg['epochs'] == 800                                 # untouched keys stay the recipe's
 
 
@@ -81,7 +88,8 @@ def test_help_shows_every_recipe_default(capsys):
 def test_schedule_warmup_peak_and_final():
     cfg = resolve('--dataset', 'k400', '--data_path', 'x')      # 40 warm-up epochs of 800, peak 1.5e-4 x 4
     spe = 10
-    lr = lambda it: pretrain.lr_at(cfg, it, spe)
+    lr = lambda it: utils.cosine_schedule(it, 800 * spe, cfg['warmup_epochs'] * spe,  # noqa: E731
+                                          cfg['lr'] * cfg['total_batch'] / 256, cfg['min_lr'] * 4)
     assert lr(0) == 0.0                                         # warm-up starts at 0
     assert lr(20 * spe) == pytest.approx(0.5 * 6e-4)            # linear
     assert lr(40 * spe) == pytest.approx(1.5e-4 * 1024 / 256)  # end of warm-up = peak
