@@ -7,7 +7,7 @@ sigmoid (multi-label). Training sees ground-truth person boxes, inference the de
 score >= 0.8. The metric is frame-level AP at IoU 0.5 per class over the 60 evaluated classes, and its mean.
 
 Read top to bottom: recipe table, AVA files (annotations, boxes, frames or videos), the clip dataset,
-the head, the AP evaluation, the synthetic AVA-layout set, argparse, the loop, main().
+the head, the AP evaluation, argparse, the loop, main(). The synthetic set is synthetic.py's.
 
   python detect.py                                   # synthetic AVA-layout set on CPU, a few minutes
   torchrun --nproc_per_node=8 detect.py --data_path /data/ava --model base \
@@ -19,8 +19,6 @@ import functools
 import json
 import math
 import os
-import shutil
-import tempfile
 from collections import defaultdict
 
 import numpy as np
@@ -29,12 +27,13 @@ import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_jpeg, encode_jpeg, read_file
+from torchvision.io import ImageReadMode, decode_jpeg, read_file
 from torchvision.ops import box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 from torchvision.transforms import v2
 from tqdm import tqdm
 
 import data
+import synthetic
 import utils
 from model import build_classifier, load_checkpoint
 
@@ -443,116 +442,6 @@ def read_submission(path):
 
 
 # ----------------------------------------------------------------------------------------------------
-# The synthetic AVA-layout set (the default run): people-like figures (a body with a head) standing,
-# walking (moving sideways), crouching or waving (an arm going up and down), drawn into 30-fps JPEG frames
-# in the SlowFast layout, with real CSV/pbtxt annotations and SlowFast-style detected boxes.
-# ----------------------------------------------------------------------------------------------------
-SYNTHETIC_NAMES = {1: 'bend/bow (at the waist)', 3: 'crouch/kneel', 12: 'stand', 14: 'walk', 69: 'hand wave'}
-SYNTHETIC_KINDS = [(12,), (14,), (3,), (12, 69)]     # id 1 never occurs: reported as "no GT", not in the mean
-
-
-def _movie(rng, seconds, H, W):
-    """-> frames uint8 (seconds*30+1, H, W, 3), people [(actions, boxes per frame (F, 4) normalised)]."""
-    n = seconds * AVA_FPS + 1
-    yy, xx = np.mgrid[0:H, 0:W]
-    c0, c1 = rng.integers(40, 200, 3), rng.integers(40, 200, 3)
-    bg = (c0 * (xx / W)[..., None] + c1 * (1 - xx / W)[..., None] + rng.normal(0, 8, (H, W, 3))).clip(0, 255)
-    frames = np.repeat(bg[None], n, 0)
-    people, slots = [], rng.permutation(4)[:rng.integers(2, 4)]
-    for slot in slots:
-        acts = SYNTHETIC_KINDS[rng.integers(len(SYNTHETIC_KINDS))]
-        bw, bh = (12, 18) if 3 in acts else (10, 30)
-        x, y = 4 + slot * (W - 8) / 4 + rng.uniform(0, (W - 8) / 4 - bw), H - bh - rng.uniform(2, 10)
-        vx, colour, phase = rng.choice([-1.0, 1.0]) * rng.uniform(0.8, 1.2), rng.integers(0, 256, 3), rng.uniform(0, 10)
-        boxes = np.zeros((n, 4))
-        for f in range(n):
-            if 14 in acts:                                       # walk: bounce between the frame edges
-                x += vx
-                if x < 1 or x + bw > W - 1:
-                    vx, x = -vx, min(max(x, 1), W - 1 - bw)
-            x0, y0 = int(round(x)), int(round(y))
-            head = max(bw // 2, 5)
-            frames[f, y0 + head:y0 + bh, x0:x0 + bw] = colour                      # body
-            frames[f, y0:y0 + head, x0 + (bw - head) // 2:x0 + (bw + head) // 2] = colour * 0.6 + 60  # head
-            left, right = x0, x0 + bw
-            if 69 in acts:                                       # wave: an arm up / down, period 10 frames
-                up = math.sin(2 * math.pi * (f + phase) / 10) > 0
-                ay = y0 - 6 if up else y0 + head
-                frames[f, max(ay, 0):ay + 8, x0 + bw:x0 + bw + 3] = colour
-                right = x0 + bw + 3
-            boxes[f] = (left / W, max(y0 - 6 if 69 in acts and up else y0, 0) / H, right / W, (y0 + bh) / H)
-        people.append((acts, boxes))
-    frames += rng.normal(0, 3, frames.shape)
-    return frames.clip(0, 255).astype(np.uint8), people
-
-
-def ensure_synthetic_ava(root=None, seed=0, num_train=12, num_val=4, seconds=6, size=(72, 96)):
-    """Path of the synthetic AVA-layout set, generated on first use (default $VIDEOMAE_CACHE/synthetic-ava-v1,
-    else ~/.cache/videomae/...). Keyframes at seconds 902..900+seconds-1. Written to a temporary folder
-    renamed into place, so concurrent ranks are safe."""
-    base = os.environ.get('VIDEOMAE_CACHE') or os.path.join(os.path.expanduser('~'), '.cache', 'videomae')
-    root = os.path.abspath(root or os.path.join(base, f'synthetic-ava-v1-seed{seed}'))
-    params = dict(version=1, seed=seed, num_train=num_train, num_val=num_val, seconds=seconds, size=list(size))
-    marker = os.path.join(root, 'synthetic.json')
-    if os.path.isfile(marker):
-        with open(marker) as f:
-            if json.load(f) == params:
-                return root
-    rng = np.random.default_rng(seed)
-    os.makedirs(os.path.dirname(root), exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix='.tmp-', dir=os.path.dirname(root))
-    for d in ('annotations', 'frames', 'frame_lists'):
-        os.makedirs(os.path.join(tmp, d))
-    alphabet = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_'
-    ids = [''.join(rng.choice(list(alphabet), 11)) for _ in range(num_train + num_val)]
-    ids[0] = '-' + ids[0][1:]                                    # real AVA ids can start with '-'
-    keyframes = range(WINDOW_START + 2, WINDOW_START + seconds)
-    gt = {'train': [], 'val': []}
-    dets, lists = [], {'train': [], 'val': []}
-    for m, vid in enumerate(ids):
-        split = 'train' if m < num_train else 'val'
-        frames, people = _movie(rng, seconds, *size)
-        os.makedirs(os.path.join(tmp, 'frames', vid))
-        for f, jpg in enumerate(encode_jpeg(list(torch.from_numpy(frames).permute(0, 3, 1, 2)), quality=90)):
-            rel = f'{vid}/{vid}_{f + 1:06d}.jpg'
-            with open(os.path.join(tmp, 'frames', rel), 'wb') as fh:
-                fh.write(jpg.numpy().tobytes())
-            lists[split].append(f'{vid} {m} {f} {rel} ""')
-        for sec in keyframes:
-            f = (sec - WINDOW_START) * AVA_FPS
-            for pid, (acts, boxes) in enumerate(people):
-                b = boxes[f]
-                gt[split] += [f'{vid},{sec:04d},' + ','.join(f'{v:.3f}' for v in b) + f',{a},{pid}' for a in acts]
-                if split == 'val':                                 # the "detector": jittered boxes, high score
-                    jb = np.clip(b + rng.uniform(-0.01, 0.01, 4), 0, 1)
-                    dets.append(f'{vid},{sec:04d},' + ','.join(f'{v:.3f}' for v in jb) + f',,{rng.uniform(0.85, 1):.6f}')
-            if split == 'val':                                     # a low-score false box, cut by --det_thresh
-                dets.append(f'{vid},{sec:04d},0.010,0.010,0.200,0.300,,0.400000')
-    ann = os.path.join(tmp, 'annotations')
-    for split in ('train', 'val'):
-        with open(os.path.join(ann, f'ava_{split}_v2.2.csv'), 'w') as f:
-            f.write('\n'.join(gt[split]) + '\n')
-        with open(os.path.join(tmp, 'frame_lists', f'{split}.csv'), 'w') as f:
-            f.write('original_vido_id video_id frame_id path labels\n' + '\n'.join(lists[split]) + '\n')
-    with open(os.path.join(ann, 'ava_val_predicted_boxes.csv'), 'w') as f:
-        f.write('\n'.join(dets) + '\n')
-    with open(os.path.join(ann, 'ava_val_excluded_timestamps_v2.2.csv'), 'w') as f:
-        f.write(f'{ids[num_train]},{keyframes[0]:04d}\n')
-    with open(os.path.join(ann, 'ava_action_list_v2.2_for_activitynet_2019.pbtxt'), 'w') as f:
-        for i, name in SYNTHETIC_NAMES.items():
-            f.write(f'label {{\n  name: "{name}"\n  label_id: {i}\n  label_type: PERSON_MOVEMENT\n}}\n')
-    with open(os.path.join(tmp, 'synthetic.json'), 'w') as f:
-        json.dump(params, f)
-    if os.path.isdir(root):
-        shutil.rmtree(root, ignore_errors=True)
-    try:
-        os.rename(tmp, root)
-    except OSError:                                                # another rank got there first
-        shutil.rmtree(tmp, ignore_errors=True)
-    return root
-
-
-# ----------------------------------------------------------------------------------------------------
 # Command line. The recipe row is Table 12's by --model and --kinetics_finetuned, or the synthetic row
 # without --data_path; explicit flags win.
 # ----------------------------------------------------------------------------------------------------
@@ -703,7 +592,7 @@ def evaluate(detector, loader, cfg, names, val_gt, excluded, device, autocast, t
 def main(argv=None):
     cfg = resolve(argv)
     if cfg['dataset'] == 'synthetic':
-        cfg['data_path'] = ensure_synthetic_ava()
+        cfg['data_path'] = synthetic.ensure_ava()
     ava_files(cfg)
     d = utils.init_distributed(cfg['device'])
     utils.seed_everything(cfg['seed'] + d.rank)

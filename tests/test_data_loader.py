@@ -1,58 +1,16 @@
-"""VideoDataset / make_loader / augmentation / synthetic data: shapes, determinism, resume, bad files."""
-import os
-
+"""VideoDataset / make_loader / augmentation: shapes, determinism, resume, bad files."""
 import numpy as np
 import pytest
 import torch
 
 import data
+import synthetic
 
 
 @pytest.fixture(scope='module')
 def synth(tmp_path_factory):
     root = str(tmp_path_factory.mktemp('cache') / 'synthetic')
-    return data.ensure_synthetic(root, seed=0, num_train=3, num_test=1)
-
-
-def test_synthetic_dataset_is_ucf101_layout_balanced_and_cached(synth):
-    train, classes = data.load_split('synthetic', synth, 'train')
-    test, _ = data.load_split('synthetic', synth, 'test')
-    assert classes == data.SYNTHETIC_CLASSES and len(train) == 24 and len(test) == 8
-    assert np.bincount([y for _, y in train]).tolist() == [3] * 8
-    assert data.video_info(train[0][0])[:1] == (40,) and data.video_info(train[0][0])[2:] == (64, 64)
-    mtime = os.path.getmtime(os.path.join(synth, 'synthetic.json'))
-    assert data.ensure_synthetic(synth, seed=0, num_train=3, num_test=1) == synth  # cached, not regenerated
-    assert os.path.getmtime(os.path.join(synth, 'synthetic.json')) == mtime
-    with pytest.raises(ValueError, match='other parameters'):
-        data.ensure_synthetic(synth, seed=1, num_train=3, num_test=1)
-
-
-def test_synthetic_single_frames_do_not_reveal_the_class_but_motion_does():
-    # per-class statistics of single frames (colour, brightness, contrast) are alike; frame differences are not
-    rng = np.random.default_rng
-    stats, motion = [], []
-    for c in range(8):
-        vids = [data._render(rng([0, c, k]), c, 40, 64).astype(np.float32) for k in range(12)]
-        stats.append([np.r_[v[20].mean((0, 1)), v[20].std()] for v in vids])
-        motion.append(np.mean([np.abs(np.diff(v, axis=0)).mean() for v in vids]))
-    stats = np.array(stats)  # (class, video, 4)
-    spread_between = stats.mean(1).std(0)
-    spread_within = stats.std(1).mean(0)
-    assert (spread_between < 0.6 * spread_within).all(), (spread_between, spread_within)
-
-
-def test_synthetic_move_classes_shift_the_frame_the_way_their_label_says():
-    # A label/motion mismatch (like the flip bug that swapped MoveLeft/MoveRight in fine-tuning) is label
-    # noise no model can learn through: the texture must travel 4-6 px over 4 frames in the named direction.
-    want = {'MoveLeft': (-1, 0), 'MoveRight': (1, 0), 'MoveUp': (0, -1), 'MoveDown': (0, 1)}
-    for name, (wx, wy) in want.items():
-        c = data.SYNTHETIC_CLASSES.index(name)
-        v = data._render(np.random.default_rng([0, c, 0]), c, 40, 64).astype(np.float32)
-        a, b = v[10], v[14]
-        err = {(dx, dy): np.abs(b[8 + dy:56 + dy, 8 + dx:56 + dx] - a[8:56, 8:56]).mean()
-               for dx in range(-8, 9) for dy in range(-8, 9)}      # b at p + shift matches a at p
-        dx, dy = min(err, key=err.get)
-        assert (np.sign(dx), np.sign(dy)) == (wx, wy) and 4 <= abs(dx) + abs(dy) <= 6, (name, dx, dy)
+    return synthetic.ensure_motion(root, seed=0, num_train=3, num_test=1)
 
 
 def make_set(synth, **kw):

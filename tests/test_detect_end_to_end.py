@@ -10,6 +10,7 @@ import sys
 import pytest
 
 import detect
+import synthetic
 from conftest import records
 
 TINY = ['--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--patch_size', '16', '--input_size', '32',
@@ -20,7 +21,7 @@ TINY = ['--embed_dim', '32', '--depth', '2', '--num_heads', '2', '--patch_size',
 @pytest.fixture(scope='module')
 def ava(tmp_path_factory):
     root = tmp_path_factory.mktemp('ava')
-    return detect.ensure_synthetic_ava(str(root / 'syn'), num_train=3, num_val=2, seconds=4, size=(40, 56))
+    return synthetic.ensure_ava(str(root / 'syn'), num_train=3, num_val=2, seconds=4, size=(40, 56))
 
 
 def mAP(text):
@@ -59,7 +60,7 @@ def test_train_resume_evaluate(ava, tmp_path, capsys):
     # the submission CSV: 8 columns, 4-digit timestamps, only evaluated ids; scoring it gives the same mAP
     rows = open(os.path.join(out, 'detections_val.csv')).read().split()
     assert rows and all(len(r.split(',')) == 8 and len(r.split(',')[1]) == 4 for r in rows)
-    assert {int(r.split(',')[6]) for r in rows} <= set(detect.SYNTHETIC_NAMES)
+    assert {int(r.split(',')[6]) for r in rows} <= set(synthetic.AVA_NAMES)
     detect.main(args + ['--eval_detections', os.path.join(out, 'detections_val.csv')])
     assert mAP(capsys.readouterr().out) == pytest.approx(trained, abs=0.5)
     detect.main(args + ['--eval', '--max_dets', '2'])             # evaluation only, from the latest checkpoint

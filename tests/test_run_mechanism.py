@@ -34,8 +34,8 @@ def stage_args(stage, list_videos, videos, pretrained, ava):
 
 @pytest.fixture(scope='module')
 def ava(tmp_path_factory):
-    import detect
-    return detect.ensure_synthetic_ava(str(tmp_path_factory.mktemp('ava') / 'syn'), num_train=3, num_val=2,
+    import synthetic
+    return synthetic.ensure_ava(str(tmp_path_factory.mktemp('ava') / 'syn'), num_train=3, num_val=2,
                                        seconds=4, size=(40, 56))
 
 
