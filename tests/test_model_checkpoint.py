@@ -102,16 +102,6 @@ def test_other_frames_and_resolution_load_and_run(tmp_path):
     c = build_classifier('small', 4, **{**TINY, 'num_frames': 8, 'img_size': 48})
     load_checkpoint(c, tmp_path / 'p.pth')
     assert c(torch.randn(1, 3, 8, 48, 48)).shape == (1, 4)
-    # a learned position table (third-party) is resized to the new grid
-    l = randomise(build_classifier('small', 4, **TINY, use_learnable_pos_emb=True))
-    assert l.pos_embed.shape == (1, 2 * 4 * 4, 32)
-    torch.save({'model': l.state_dict()}, tmp_path / 'l.pth')
-    big = build_classifier('small', 4, **{**TINY, 'img_size': 48}, use_learnable_pos_emb=True)
-    report = load_checkpoint(big, tmp_path / 'l.pth')
-    assert big.pos_embed.shape == (1, 2 * 6 * 6, 32) and 'resized' in report['notes'][0]
-    assert big(torch.randn(1, 3, 4, 48, 48)).shape == (1, 4)
-    with pytest.raises(ValueError, match='learned pos_embed .* fixed sine table'):
-        load_checkpoint(build_classifier('small', 4, **TINY), tmp_path / 'l.pth')
 
 
 def test_mean_pooling_classifier_loads_into_a_token_norm_model_leaving_fc_norm_out(tmp_path):

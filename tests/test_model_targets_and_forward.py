@@ -91,7 +91,9 @@ def test_visible_only_embedding_equals_conv3d_then_gather():
     w, b = m.encoder.patch_embed.proj.weight, m.encoder.patch_embed.proj.bias
     full = F.conv3d(video, w, b, stride=(2, 8, 8)).flatten(2).transpose(1, 2) + sine_reference(24, 32)
     ref = m.encoder.norm(full[~mask].reshape(3, -1, 32))
-    torch.testing.assert_close(m.encoder(video, mask), ref, rtol=1e-5, atol=1e-5)
+    visible = (~mask).nonzero()[:, 1].view(3, -1)                     # indices, ascending
+    out = m.encoder.forward_features(video, visible)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_pretrain_forward_matches_official_data_flow():
@@ -104,7 +106,7 @@ def test_pretrain_forward_matches_official_data_flow():
     video = torch.randn(2, 3, 4, 32, 32)
     mask = tube_masking(2, m.grid(video.shape), 0.75)                             # grid (2, 4, 4), 24 masked
     with torch.no_grad():
-        x = m.encoder.patch_embed(video) + sine_reference(32, 32)
+        x = m.encoder.patch_embed.proj(video).flatten(2).transpose(1, 2) + sine_reference(32, 32)
         x = x[~mask].reshape(2, -1, 32)
         for blk in m.encoder.blocks:
             x = blk(x)
