@@ -1,7 +1,7 @@
 """End-to-end fine-tuning of a VideoMAE encoder for action classification (Table 10 and § B).
 
     python finetune.py --finetune runs/pretrain-synthetic/checkpoint-00100.pth  # synthetic, CPU
-    python finetune.py                             # no --finetune: the supervised from-scratch baseline
+    python finetune.py                         # no --finetune: the supervised from-scratch baseline
     torchrun --nproc_per_node=8 finetune.py --dataset ssv2 --data_path /data/ssv2 --model base \\
         --finetune videomae_base_ssv2_pretrain.pth                            # Table 10, SSv2
     python finetune.py --eval --resume runs/finetune-ssv2-base/checkpoint-00040.pth   # test only
@@ -31,14 +31,14 @@ TABLE10 = dict(
     num_sample=2, randaug=[9, 0.5], smoothing=0.1, mixup=0.8, cutmix=1.0,        # (repeated aug 2)
     min_lr=1e-6, random_erasing=0.25, init_scale=0.001, crop='resized',          # official defaults
     num_frames=16, input_size=224, short_side=224, batch_size=8, num_workers=10, save_ckpt_freq=10)
-SSV2 = dict(TABLE10, flip=False, sampling='segment', sampling_rate=2,            # TSN segments, no flip
-            test_clips=2, test_crops=3, fc_drop=0.0)                              # 2 x 3 views (§ B)
-K400 = dict(TABLE10, flip=True, sampling='dense', sampling_rate=4,               # dense (§ B), flip
-            test_clips=5, test_crops=3, lr=1e-3, fc_drop=0.0)                     # 5 x 3; lr all sizes
-UCF101 = dict(K400, total_batch=128, epochs=100, lr=5e-4, layer_decay=0.7,       # § B; fc_drop 0.5:
-              drop_path=0.2, fc_drop=0.5)                                         # official script
-HMDB51 = dict(K400, total_batch=128, epochs=50, lr=1e-3, layer_decay=0.7,        # § B, stride 2 as
-              drop_path=0.2, sampling_rate=2, test_clips=10)                      # its pre-training
+SSV2 = dict(TABLE10, flip=False, sampling='segment', sampling_rate=2,       # TSN segments, no flip
+            test_clips=2, test_crops=3, fc_drop=0.0)                        # 2 x 3 views (§ B)
+K400 = dict(TABLE10, flip=True, sampling='dense', sampling_rate=4,          # dense (§ B), flip
+            test_clips=5, test_crops=3, lr=1e-3, fc_drop=0.0)               # 5 x 3; lr all sizes
+UCF101 = dict(K400, total_batch=128, epochs=100, lr=5e-4, layer_decay=0.7,  # § B; fc_drop 0.5:
+              drop_path=0.2, fc_drop=0.5)                                   # official script
+HMDB51 = dict(K400, total_batch=128, epochs=50, lr=1e-3, layer_decay=0.7,   # § B, stride 2 as
+              drop_path=0.2, sampling_rate=2, test_clips=10)                # its pre-training
 RECIPES = {
     'ssv2-small': dict(SSV2, lr=1e-3, epochs=40, drop_path=0.1, layer_decay=0.7),              # T10
     'ssv2-base': dict(SSV2, lr=5e-4, epochs=40, drop_path=0.1, layer_decay=0.75),              # T10
@@ -51,18 +51,18 @@ RECIPES = {
     'k400-huge': dict(K400, epochs=50, drop_path=0.2, layer_decay=0.75, fc_drop=0.5),          # T10
     'ucf101': UCF101,                       # § B gives one row (ViT-B); every size uses it
     'hmdb51': HMDB51,
-    # Not in the paper: pretrain.py's tiny synthetic model, on a laptop CPU in minutes. The K400 column
-    # except: no RandAugment, erasing, mixup or cutmix and one clip per video (they pay off over long
-    # schedules, not 1000 steps); a 16x higher base lr and 2 warm-up epochs (a ~100x shorter run);
-    # 50 epochs, because from scratch the model leaves chance only after ~540 steps; one test crop
-    # (square frames: three crops would coincide); no flip (it swaps MoveLeft and MoveRight: half the
-    # clips would carry the opposite label); MultiScaleCrop, since RandomResizedCrop's 8% area often
-    # cuts the motion out of a 64x64 frame.
+    # Not in the paper: pretrain.py's tiny synthetic model, on a laptop CPU in minutes. The K400
+    # column except: no RandAugment, erasing, mixup or cutmix and one clip per video (they pay off
+    # over long schedules, not 1000 steps); a 16x higher base lr and 2 warm-up epochs (a ~100x
+    # shorter run); 50 epochs, because from scratch the model leaves chance only after ~540 steps;
+    # one test crop (square frames: three crops would coincide); no flip (it swaps MoveLeft and
+    # MoveRight: half the clips would carry the opposite label); MultiScaleCrop, since
+    # RandomResizedCrop's 8% area often cuts the motion out of a 64x64 frame.
     'synthetic': dict(K400, model='small', embed_dim=128, depth=4, num_heads=4, patch_size=8,
                       num_frames=8, input_size=64, short_side=64, sampling_rate=4, total_batch=16,
                       batch_size=16, lr=1.6e-2, min_lr=1e-5, epochs=50, warmup_epochs=2,
-                      layer_decay=0.75, drop_path=0.1, randaug=[0, 0], random_erasing=0.0, mixup=0.0,
-                      cutmix=0.0, num_sample=1, test_clips=2, test_crops=1, flip=False,
+                      layer_decay=0.75, drop_path=0.1, randaug=[0, 0], random_erasing=0.0,
+                      mixup=0.0, cutmix=0.0, num_sample=1, test_clips=2, test_crops=1, flip=False,
                       crop='multiscale', num_workers=2),
 }
 # From scratch (no --finetune), § B: "we follow the recipe in [21] and train from scratch for 100
@@ -81,25 +81,31 @@ def recipe(cfg):
 def build_parser():
     def r(key, text):
         return f'{text} ({utils.recipe_help(RECIPES, key)})'
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_data_flags(p, RECIPES, ['synthetic', 'ucf101', 'hmdb51', 'k400', 'ssv2', 'list'])
     g = utils.add_shape_flags(p, RECIPES)
-    g.add_argument('--finetune', help='weights to start from: a pre-training checkpoint (ours or official)'
-                   '; absent: from scratch, 100 epochs on SSv2, 200 on K400 (§ B), no layer decay')
+    g.add_argument('--finetune',
+                   help='weights to start from: a pre-training checkpoint (ours or official); '
+                        'absent: from scratch, 100 epochs on SSv2, 200 on K400 (§ B), '
+                        'no layer decay')
     g.add_argument('--drop_path', type=float, help=r('drop_path', 'stochastic depth, last block'))
     g.add_argument('--fc_drop', type=float, help=r('fc_drop', 'dropout before the head'))
     g.add_argument('--init_scale', type=float, help=r('init_scale', 'head init scale'))
     utils.add_common_flags(p, RECIPES)
     g = p.add_argument_group('fine-tuning recipe (Table 10, § B)')
-    g.add_argument('--opt_betas', '--betas', type=float, nargs=2, help=r('opt_betas', 'AdamW betas'))
-    g.add_argument('--layer_decay', type=float, help=r('layer_decay', 'layer-wise lr decay; 1 = off'))
+    g.add_argument('--opt_betas', '--betas', type=float, nargs=2,
+                   help=r('opt_betas', 'AdamW betas'))
+    g.add_argument('--layer_decay', type=float,
+                   help=r('layer_decay', 'layer-wise lr decay; 1 = off'))
     g.add_argument('--smoothing', type=float, help=r('smoothing', 'label smoothing'))
     g.add_argument('--mixup', type=float, help=r('mixup', 'mixup alpha (0 = off)'))
     g.add_argument('--cutmix', type=float, help=r('cutmix', 'cutmix alpha (0 = off)'))
-    g.add_argument('--num_sample', type=int, help=r('num_sample', 'repeated augmentation: clips per '
-                   'decoded video'))
-    g.add_argument('--crop', choices=['resized', 'multiscale'], help=r('crop', 'RandomResizedCrop '
-                   '(area 8-100%%, aspect 3/4-4/3) or MultiScaleCrop'))
+    g.add_argument('--num_sample', type=int,
+                   help=r('num_sample', 'repeated augmentation: clips per decoded video'))
+    g.add_argument('--crop', choices=['resized', 'multiscale'],
+                   help=r('crop', 'RandomResizedCrop (area 8-100%%, aspect 3/4-4/3) '
+                                  'or MultiScaleCrop'))
     g.add_argument('--flip', action=argparse.BooleanOptionalAction, help=r('flip', 'random flip'))
     g.add_argument('--randaug', type=float, nargs=2, metavar=('M', 'STD'),
                    help=r('randaug', 'RandAugment magnitude and its std; 0 0 = off'))
@@ -109,13 +115,17 @@ def build_parser():
     g.add_argument('--test_clips', type=int, help=r('test_clips', 'test clips per video'))
     g.add_argument('--test_crops', type=int, help=r('test_crops', 'test crops per clip'))
     g = p.add_argument_group('what to run')
-    g.add_argument('--val_freq', type=int, default=1, help='one-view validation every N epochs (0: never)')
+    g.add_argument('--val_freq', type=int, default=1,
+                   help='one-view validation every N epochs (0: never)')
     g.add_argument('--save_freq', dest='save_ckpt_freq', type=int, help=argparse.SUPPRESS)
-    g.add_argument('--eval', action='store_true', help='only the test protocol, on --resume or --finetune')
-    g.add_argument('--predict', nargs='+', metavar='FILE', help='print the top-5 classes of these videos')
-    g.add_argument('--compare', nargs=2, metavar=('A.csv', 'B.csv'), help='two per-class CSVs: where '
-                   'does one model win? (--margin points)')
-    g.add_argument('--margin', type=float, default=5.0, help='--compare: top-1 points that count as a win')
+    g.add_argument('--eval', action='store_true',
+                   help='only the test protocol, on --resume or --finetune')
+    g.add_argument('--predict', nargs='+', metavar='FILE',
+                   help='print the top-5 classes of these videos')
+    g.add_argument('--compare', nargs=2, metavar=('A.csv', 'B.csv'),
+                   help='two per-class CSVs: where does one model win? (--margin points)')
+    g.add_argument('--margin', type=float, default=5.0,
+                   help='--compare: top-1 points that count as a win')
     return p
 
 
@@ -129,22 +139,24 @@ def resolve(argv=None):
 
 
 def build_model(cfg, num_classes):
-    return vmae.build_classifier(cfg['model'], num_classes, **utils.shape(cfg), init_scale=cfg['init_scale'],
-                                 drop_path_rate=cfg['drop_path'], fc_drop_rate=cfg['fc_drop'])
+    return vmae.build_classifier(cfg['model'], num_classes, **utils.shape(cfg),
+                                 init_scale=cfg['init_scale'], drop_path_rate=cfg['drop_path'],
+                                 fc_drop_rate=cfg['fc_drop'])
 
 
 def make_dataset(cfg, samples, mode):
-    """'train': the recipe's crop, RandAugment, flip, erasing, num_sample clips per decode; 'val': one
-    centre view; 'test': test_clips x test_crops views (§ B)."""
+    """'train': the recipe's crop, RandAugment, flip, erasing, num_sample clips per decode; 'val':
+    one centre view; 'test': test_clips x test_crops views (§ B)."""
     return data.VideoDataset(
         samples, mode=mode, num_frames=cfg['num_frames'], sampling_rate=cfg['sampling_rate'],
         sampling=cfg['sampling'], input_size=cfg['input_size'], crop=cfg['crop'], flip=cfg['flip'],
-        randaug=cfg['randaug'] if cfg['randaug'][0] > 0 else None, random_erasing=cfg['random_erasing'],
-        num_sample=cfg['num_sample'], test_clips=cfg['test_clips'], test_crops=cfg['test_crops'],
-        short_side=cfg['short_side'], seed=cfg['seed'])
+        randaug=cfg['randaug'] if cfg['randaug'][0] > 0 else None,
+        random_erasing=cfg['random_erasing'], num_sample=cfg['num_sample'],
+        test_clips=cfg['test_clips'], test_crops=cfg['test_crops'], short_side=cfg['short_side'],
+        seed=cfg['seed'])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Mixup / CutMix with label smoothing folded into the soft targets (official: timm's Mixup, batch
 # mode, switch prob 0.5). torchvision's v2.MixUp/CutMix pair sample i with i-1 and take soft labels:
 # soft = lam * smooth(y_i) + (1 - lam) * smooth(y_{i-1}). On a 5-D tv_tensors.Video CutMix cuts the
@@ -157,7 +169,8 @@ def make_mixer(cfg):
 
 
 def mix_batch(video, labels, num_classes, smoothing, mixer):
-    """video float (N, 3, T, H, W), labels (N,) -> (mixed video, soft targets (N, C) summing to 1)."""
+    """video float (N, 3, T, H, W), labels (N,) -> (mixed video, soft targets (N, C)
+    summing to 1)."""
     soft = F.one_hot(labels, num_classes).float() * (1.0 - smoothing) + smoothing / num_classes
     if mixer is None or len(labels) < 2:
         return video, soft
@@ -165,12 +178,12 @@ def mix_batch(video, labels, num_classes, smoothing, mixer):
     return video.as_subclass(torch.Tensor), soft
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loop.
 
 def train(cfg, d, model, optimizer, train_set, val_set, classes):
-    loader = data.make_loader(train_set, cfg['batch_size'], train=True, num_workers=cfg['num_workers'],
-                              seed=cfg['seed'])
+    loader = data.make_loader(train_set, cfg['batch_size'], train=True,
+                              num_workers=cfg['num_workers'], seed=cfg['seed'])
     run = utils.start(cfg, 'finetune', d, model, optimizer, loader, classes, data.FailureLog(),
                       clips_per_video=cfg['num_sample'])
     mixer = make_mixer(cfg)
@@ -199,7 +212,8 @@ def due(cfg, epoch):
 
 def evaluate(cfg, d, model, dataset, classes, autocast, title='val (1 view)', prefix=None):
     """All views of every video, softmax-averaged per video; the ranks split the videos."""
-    loader = data.make_loader(dataset, cfg['batch_size'], train=False, num_workers=cfg['num_workers'])
+    loader = data.make_loader(dataset, cfg['batch_size'], train=False,
+                              num_workers=cfg['num_workers'])
     model.eval()
     return utils.evaluate(lambda clips: model(data.normalize(clips)), loader, d, autocast,
                           data.FailureLog(), classes, title, prefix,
@@ -228,7 +242,8 @@ def predict(cfg, d, model, classes, autocast):
         with torch.no_grad(), autocast():
             probs = model(data.normalize(views.to(d.device))).float().softmax(-1).mean(0)
         p, i = probs.topk(min(5, len(probs)))
-        print(f + ': ' + ', '.join(f'{classes[c]} {100 * q:.1f}%' for q, c in zip(p.tolist(), i.tolist())))
+        print(f + ': ' + ', '.join(f'{classes[c]} {100 * q:.1f}%'
+                                   for q, c in zip(p.tolist(), i.tolist())))
 
 
 def main(argv=None):
@@ -244,24 +259,27 @@ def main(argv=None):
     only_test = cfg['eval'] or cfg['predict']
     classes = utils.checkpoint_meta(resume)['classes'] if resume else []
     if not (classes and only_test):
-        train_samples, classes = data.load_split(cfg['dataset'], cfg['data_path'], 'train', cfg['fold'])
+        train_samples, classes = data.load_split(cfg['dataset'], cfg['data_path'], 'train',
+                                                 cfg['fold'])
     model = build_model(cfg, len(classes)).to(d.device)
     if resume and only_test:
         model.load_state_dict(utils.load_state(resume)['model'])
     elif cfg['finetune'] and not resume:
         report = vmae.load_checkpoint(model, cfg['finetune'])
         if d.is_main:
-            print(f"loaded {cfg['finetune']} ({report['source']}): missing {report['missing'][:6]}, "
-                  f"unused {report['unexpected'][:6]}" + ''.join(f'\n  {n}' for n in report['notes']))
+            print(f"loaded {cfg['finetune']} ({report['source']}): "
+                  f"missing {report['missing'][:6]}, unused {report['unexpected'][:6]}"
+                  + ''.join(f'\n  {n}' for n in report['notes']))
     elif only_test and not resume:
-        raise SystemExit('error: --eval and --predict need weights: --resume CHECKPOINT (or a checkpoint '
-                         f"in {cfg['output_dir']}) or --finetune FINE_TUNED.pth")
+        raise SystemExit('error: --eval and --predict need weights: --resume CHECKPOINT '
+                         f"(or a checkpoint in {cfg['output_dir']}) or --finetune FINE_TUNED.pth")
     autocast = utils.amp_setup(d.device, cfg['precision'])[0]
     if cfg['predict']:
         return predict(cfg, d, model, classes, autocast)
     lock = utils.lock_output_dir(cfg['output_dir']) if d.is_main and cfg['eval'] else None
     if not cfg['eval']:
-        groups = utils.param_groups(model, cfg['weight_decay'], cfg['layer_decay'], len(model.blocks))
+        groups = utils.param_groups(model, cfg['weight_decay'], cfg['layer_decay'],
+                                    len(model.blocks))
         optimizer = utils.make_adamw(groups, cfg['lr'], cfg['opt_betas'], d.device)
         val_samples, _ = data.load_split(cfg['dataset'], cfg['data_path'], 'val', cfg['fold'])
         autocast = train(cfg, d, model, optimizer, make_dataset(cfg, train_samples, 'train'),

@@ -4,12 +4,14 @@ features?
     python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00100.pth    # synthetic, CPU
     python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00100.pth --random_init
         # the baseline: the same encoder shape, random weights (also: no --finetune at all)
-    torchrun --nproc_per_node=8 linprobe.py --dataset ssv2 --data_path /data/ssv2 --finetune vit_b.pth
+    torchrun --nproc_per_node=8 linprobe.py --dataset ssv2 --data_path /data/ssv2 \\
+        --finetune vit_b.pth
     python linprobe.py --eval --resume runs/linprobe-ssv2/checkpoint-00100.pth     # test only
 
-The encoder never changes: no gradient, no optimiser state, eval mode (no drop path). Its tokens are
-mean-pooled, normalised by a BatchNorm1d without affine parameters, and one linear layer is trained
-with SGD. Evaluation is fine-tuning's: one view per video during training, the § B protocol at the end.
+The encoder never changes: no gradient, no optimiser state, eval mode (no drop path). Its tokens
+are mean-pooled, normalised by a BatchNorm1d without affine parameters, and one linear layer is
+trained with SGD. Evaluation is fine-tuning's: one view per video during training, the § B protocol
+at the end.
 """
 import argparse
 
@@ -22,15 +24,16 @@ import finetune
 import model as vmae
 import utils
 
-# Table 11 gives SSv2 only: SGD, momentum 0.9, base lr 0.1 (x total batch / 256, § B), weight decay 0,
-# batch 1024, cosine, 10 warm-up epochs, 100 epochs, MultiScaleCrop. The other datasets extend that
-# row unchanged, with fine-tuning's clips and test views (§ B).
-TABLE11 = dict(lr=0.1, momentum=0.9, weight_decay=0.0, total_batch=1024, warmup_epochs=10, epochs=100,
-               min_lr=0.0, batch_size=64, num_frames=16, input_size=224, short_side=224, num_workers=10,
-               save_ckpt_freq=100, sampling='dense', sampling_rate=4, test_clips=5, test_crops=3)
+# Table 11 gives SSv2 only: SGD, momentum 0.9, base lr 0.1 (x total batch / 256, § B), weight
+# decay 0, batch 1024, cosine, 10 warm-up epochs, 100 epochs, MultiScaleCrop. The other datasets
+# extend that row unchanged, with fine-tuning's clips and test views (§ B).
+TABLE11 = dict(lr=0.1, momentum=0.9, weight_decay=0.0, total_batch=1024, warmup_epochs=10,
+               epochs=100, min_lr=0.0, batch_size=64, num_frames=16, input_size=224,
+               short_side=224, num_workers=10, save_ckpt_freq=100, sampling='dense',
+               sampling_rate=4, test_clips=5, test_crops=3)
 RECIPES = {
-    'ssv2': dict(TABLE11, sampling='segment', sampling_rate=2, test_clips=2),   # Table 11; § B views
-    'k400': TABLE11,                                                            # Table 11 extended
+    'ssv2': dict(TABLE11, sampling='segment', sampling_rate=2, test_clips=2),  # Table 11; § B views
+    'k400': TABLE11,                                                           # Table 11 extended
     'ucf101': TABLE11,
     'hmdb51': dict(TABLE11, sampling_rate=2, test_clips=10),
     'list': TABLE11,
@@ -46,12 +49,15 @@ RECIPES = {
 def build_parser():
     def r(key, text):
         return f'{text} ({utils.recipe_help(RECIPES, key)})'
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     utils.add_data_flags(p, RECIPES)
     g = utils.add_shape_flags(p, RECIPES)
-    g.add_argument('--finetune', '--checkpoint', help='encoder weights: a pre-training checkpoint, ours '
-                   'or official (absent: a random encoder)')
-    g.add_argument('--random_init', action='store_true', help="baseline: --finetune's shape, not its weights")
+    g.add_argument('--finetune', '--checkpoint',
+                   help='encoder weights: a pre-training checkpoint, ours '
+                        'or official (absent: a random encoder)')
+    g.add_argument('--random_init', action='store_true',
+                   help="baseline: --finetune's shape, not its weights")
     utils.add_common_flags(p, RECIPES)
     g = p.add_argument_group('probe (Table 11)')
     g.add_argument('--momentum', type=float, help=r('momentum', 'SGD momentum'))
@@ -59,16 +65,21 @@ def build_parser():
     g.add_argument('--short_side', type=int, help=r('short_side', 'test: short side resized to'))
     g.add_argument('--test_clips', type=int, help=r('test_clips', 'test clips per video'))
     g.add_argument('--test_crops', type=int, help=r('test_crops', 'test crops per clip'))
-    g.add_argument('--val_freq', type=int, default=1, help='one-view validation every N epochs (0: never)')
-    g.add_argument('--eval', action='store_true', help='only the test protocol, on the resumed probe')
+    g.add_argument('--val_freq', type=int, default=1,
+                   help='one-view validation every N epochs (0: never)')
+    g.add_argument('--eval', action='store_true',
+                   help='only the test protocol, on the resumed probe')
     return p
 
 
 def resolve(argv=None):
     def output(c):
-        return f"linprobe-{c['dataset']}{'-random' if c['random_init'] or not c['finetune'] else ''}"
-    cfg = utils.resolve(build_parser(), argv, lambda c: dict(RECIPES[c['dataset']], model=c['model'] or
-                        RECIPES[c['dataset']].get('model', 'base')), output, init_flag='finetune')
+        return (f"linprobe-{c['dataset']}"
+                f"{'-random' if c['random_init'] or not c['finetune'] else ''}")
+    cfg = utils.resolve(build_parser(), argv,
+                        lambda c: dict(RECIPES[c['dataset']], model=c['model'] or
+                                       RECIPES[c['dataset']].get('model', 'base')),
+                        output, init_flag='finetune')
     utils.check_clip_flags(cfg)
     return cfg
 
@@ -99,17 +110,20 @@ def build_probe(cfg, num_classes):
     encoder = vmae.build_classifier(cfg['model'], 0, **utils.shape(cfg))
     if cfg['finetune'] and not cfg['random_init']:
         report = vmae.load_checkpoint(encoder, cfg['finetune'])
-        print(f"encoder from {cfg['finetune']} ({report['source']}): {len(report['missing'])} missing "
-              f"{report['missing'][:4]}, {len(report['unexpected'])} unused {report['unexpected'][:4]}")
+        print(f"encoder from {cfg['finetune']} ({report['source']}): "
+              f"{len(report['missing'])} missing {report['missing'][:4]}, "
+              f"{len(report['unexpected'])} unused {report['unexpected'][:4]}")
     return LinearProbe(encoder, num_classes)
 
 
 def make_dataset(cfg, samples, mode):
-    """train: MultiScaleCrop (Table 11), one clip per video, no flip; val: one centre view; test: § B."""
+    """train: MultiScaleCrop (Table 11), one clip per video, no flip; val: one centre view;
+    test: § B."""
     return data.VideoDataset(samples, mode=mode, num_frames=cfg['num_frames'], crop='multiscale',
                              sampling_rate=cfg['sampling_rate'], sampling=cfg['sampling'],
                              input_size=cfg['input_size'], test_clips=cfg['test_clips'],
-                             test_crops=cfg['test_crops'], short_side=cfg['short_side'], seed=cfg['seed'])
+                             test_crops=cfg['test_crops'], short_side=cfg['short_side'],
+                             seed=cfg['seed'])
 
 
 def main(argv=None):
@@ -143,7 +157,8 @@ def main(argv=None):
         for epoch in range(run.start_epoch, cfg['epochs']):
             for _ in utils.steps(run, epoch):
                 utils.train_step(run, loss_of)
-            m = finetune.evaluate(cfg, d, probe, val_set, classes, autocast) if finetune.due(cfg, epoch) else {}
+            m = (finetune.evaluate(cfg, d, probe, val_set, classes, autocast)
+                 if finetune.due(cfg, epoch) else {})
             utils.end_epoch(run, epoch, **{f'val_{k}': v for k, v in m.items()})
         run.bar.close()
     finetune.test(cfg, d, probe, classes, autocast, make_dataset)

@@ -2,13 +2,15 @@
 
 A video of T x H x W pixels is cut into cubes of tubelet x patch x patch, giving a token grid
 (T', H', W') = (T/2, H/16, W/16); tokens are numbered t-major, then h, then w (w fastest), the same
-order as the Conv3d cube embedding in model.py. A mask is a bool tensor (B, T'*H'*W'), True = masked.
+order as the Conv3d cube embedding in model.py. A mask is a bool tensor (B, T'*H'*W'),
+True = masked.
 
 - tube_masking: the paper's default. One random spatial mask per sample, repeated over every time
   slice, so a masked patch stays hidden for the whole clip (no copying from a neighbouring frame).
   int(ratio * H'*W') masked per slice, truncating like the official TubeMaskingGenerator:
   ratio 0.9 on 14x14 -> 176 of 196 per slice, 1408 of 1568 in total.
-- random_masking: ablation (Table 2c / issue #61 of the official repo): int(ratio * N) cubes anywhere.
+- random_masking: ablation (Table 2c / issue #61 of the official repo): int(ratio * N) cubes
+  anywhere.
 - frame_masking: ablation: int(ratio * T') whole time slices.
 
 Every sample of a batch masks the same number of cubes, so the model can reshape the visible tokens
@@ -24,11 +26,11 @@ def _check(batch_size, grid, ratio):
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if not (isinstance(grid, (tuple, list, torch.Size)) and len(grid) == 3
             and all(isinstance(g, int) and not isinstance(g, bool) and g >= 1 for g in grid)):
-        raise ValueError(f"grid must be 3 positive ints (T', H', W') = (frames/tubelet, height/patch, "
-                         f"width/patch), got {grid!r}")
+        raise ValueError(f"grid must be 3 positive ints (T', H', W') = (frames/tubelet, "
+                         f"height/patch, width/patch), got {grid!r}")
     if isinstance(ratio, bool) or not isinstance(ratio, (int, float)) or not 0.0 <= ratio < 1.0:
-        raise ValueError(f"mask ratio must be a number in [0, 1) (1 would leave the encoder nothing "
-                         f"to see), got {ratio!r}")
+        raise ValueError(f"mask ratio must be a number in [0, 1) (1 would leave the encoder "
+                         f"nothing to see), got {ratio!r}")
     return tuple(int(g) for g in grid)
 
 
@@ -36,7 +38,7 @@ def _lowest_k(batch_size, n, k, generator, device):
     """(B, n) bool with exactly k True per row, uniformly at random, independent rows."""
     gen_device = generator.device if generator is not None else (device or "cpu")
     noise = torch.rand(batch_size, n, generator=generator, device=gen_device)
-    ids = noise.argsort(dim=1)[:, :k]                       # (B, k) the k positions with the lowest noise
+    ids = noise.argsort(dim=1)[:, :k]  # (B, k) the k positions with the lowest noise
     mask = torch.zeros(batch_size, n, dtype=torch.bool, device=gen_device)
     mask.scatter_(1, ids, True)
     return mask if device is None else mask.to(device)

@@ -24,14 +24,16 @@ import utils
 # Table 9 (SSv2, K400): AdamW, base lr 1.5e-4 (x total batch / 256), weight decay 0.05, betas (0.9,
 # 0.95), batch 1024, cosine, 40 warm-up epochs, MultiScaleCrop, 800 epochs (§ B). Tube ratio 0.9, 16
 # frames. From the official scripts: min lr 1e-5, a checkpoint every 20 epochs, 32 clips per GPU.
-# The scripts' own total batch 2048 and 801 epochs are a flag away (--total_batch 2048 --epochs 801).
+# The scripts' own total batch 2048 and 801 epochs are a flag away
+# (--total_batch 2048 --epochs 801).
 TABLE9 = dict(model='base', mask_type='tube', mask_ratio=0.9, normalize_target=True, num_frames=16,
               input_size=224, lr=1.5e-4, min_lr=1e-5, weight_decay=0.05, opt_betas=[0.9, 0.95],
               total_batch=1024, batch_size=32, warmup_epochs=40, epochs=800, save_ckpt_freq=20,
               num_workers=10, crop='multiscale', flip=True)
 # § B, UCF101 / HMDB51: "a similar recipe on Kinetics" with ratio 0.75, batch 192, base lr 3e-4;
 # 24 clips per GPU and a checkpoint every 100 epochs as the official UCF101 script.
-SECTION_B = dict(TABLE9, mask_ratio=0.75, total_batch=192, batch_size=24, lr=3e-4, save_ckpt_freq=100)
+SECTION_B = dict(TABLE9, mask_ratio=0.75, total_batch=192, batch_size=24, lr=3e-4,
+                 save_ckpt_freq=100)
 RECIPES = {
     'ssv2': dict(TABLE9, sampling_rate=2, flip=False),            # Table 9, SSv2 column (no flip)
     'k400': dict(TABLE9, sampling_rate=4),                        # Table 9, Kinetics-400 column
@@ -45,36 +47,42 @@ RECIPES = {
     #   plateau;
     # - ratio 0.75 (§ B's for small datasets): at 0.9 the encoder learns motion only after a second
     #   plateau whose length depends on the seed;
-    # - the whole frame instead of MultiScaleCrop: a random scale changes every clip's apparent speed,
-    #   and no motion is learnt; no flip: the motion classes are mirror pairs;
+    # - the whole frame instead of MultiScaleCrop: a random scale changes every clip's apparent
+    #   speed, and no motion is learnt; no flip: the motion classes are mirror pairs;
     # - a base lr 30x Table 9's: the run is ~1000x shorter than the paper's.
-    'synthetic': dict(TABLE9, model='small', embed_dim=128, depth=4, num_heads=4, decoder_embed_dim=192,
-                      decoder_num_heads=3, decoder_depth=1, patch_size=8, input_size=64, num_frames=8,
-                      sampling_rate=4, mask_ratio=0.75, flip=False, crop='center', total_batch=8,
-                      batch_size=8, lr=4.8e-2, min_lr=1.6e-3, epochs=100, warmup_epochs=1,
+    'synthetic': dict(TABLE9, model='small', embed_dim=128, depth=4, num_heads=4,
+                      decoder_embed_dim=192, decoder_num_heads=3, decoder_depth=1,
+                      patch_size=8, input_size=64, num_frames=8, sampling_rate=4,
+                      mask_ratio=0.75, flip=False, crop='center', total_batch=8, batch_size=8,
+                      lr=4.8e-2, min_lr=1.6e-3, epochs=100, warmup_epochs=1,
                       save_ckpt_freq=20, num_workers=2),
 }
 DECODER_KEYS = ('decoder_embed_dim', 'decoder_num_heads', 'decoder_depth')
-MASKS = {'tube': masking.tube_masking, 'random': masking.random_masking, 'frame': masking.frame_masking}
+MASKS = {'tube': masking.tube_masking, 'random': masking.random_masking,
+         'frame': masking.frame_masking}
 VIS_RATIOS = (0.75, 0.9, 0.95)                                    # Figures 10 and 11
 
 
 def build_parser():
     def r(key, text):
         return f'{text} ({utils.recipe_help(RECIPES, key)})'
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     g = utils.add_data_flags(p, RECIPES)
     g.add_argument('--max_videos', type=int, help='only the first N training videos (quick trials)')
     g.add_argument('--crop', choices=['multiscale', 'center'],
                    help=r('crop', "MultiScaleCrop (Table 9) or the frame's central square"))
     g.add_argument('--flip', action=argparse.BooleanOptionalAction, help=r('flip', 'random flip'))
     g = utils.add_shape_flags(p, RECIPES)
-    for key, text in [('decoder_embed_dim', 'decoder width'), ('decoder_num_heads', 'decoder heads'),
+    for key, text in [('decoder_embed_dim', 'decoder width'),
+                      ('decoder_num_heads', 'decoder heads'),
                       ('decoder_depth', 'decoder blocks (Table 2a)')]:
-        g.add_argument(f'--{key}', type=int, help=f"{text} ({utils.recipe_help(RECIPES, key)}; others: "
-                       "the --model size's)")
+        g.add_argument(f'--{key}', type=int,
+                       help=f"{text} ({utils.recipe_help(RECIPES, key)}; others: "
+                            "the --model size's)")
     g.add_argument('--drop_path', type=float, default=0.0, help='stochastic depth (official: 0)')
-    g.add_argument('--use_checkpoint', action='store_true', help='gradient checkpointing: less memory')
+    g.add_argument('--use_checkpoint', action='store_true',
+                   help='gradient checkpointing: less memory')
     g = p.add_argument_group('masking and target (the ablations of Table 2)')
     g.add_argument('--mask_type', choices=list(MASKS), help=r('mask_type', 'tube, random or frame'))
     g.add_argument('--mask_ratio', type=float, help=r('mask_ratio', 'fraction of cubes hidden'))
@@ -82,32 +90,36 @@ def build_parser():
                    help=r('normalize_target', 'per-cube-normalised pixels; --no-: plain pixels'))
     utils.add_common_flags(p, RECIPES)
     p.add_argument('--opt_betas', type=float, nargs=2, help=r('opt_betas', 'AdamW betas'))
-    p.add_argument('--visualize', metavar='CHECKPOINT', help='only write the reconstruction pictures '
-                   'of CHECKPOINT (its own configuration), then exit')
+    p.add_argument('--visualize', metavar='CHECKPOINT',
+                   help='only write the reconstruction pictures '
+                        'of CHECKPOINT (its own configuration), then exit')
     p.add_argument('--vis_videos', type=int, default=4, help='held-out videos in the pictures (4)')
     return p
 
 
 def resolve(parser, argv=None):
     """Flags over the recipe, then every check that can fail before any work (exit 2)."""
-    cfg = utils.resolve(parser, argv, lambda c: RECIPES[c['dataset']], lambda c: f"pretrain-{c['dataset']}",
+    cfg = utils.resolve(parser, argv, lambda c: RECIPES[c['dataset']],
+                        lambda c: f"pretrain-{c['dataset']}",
                         init_flag='visualize', init_keys=None)
     if not 0.0 <= cfg['mask_ratio'] < 1.0:
-        utils.flag_error(f"--mask_ratio {cfg['mask_ratio']} must be in [0, 1): the fraction of cubes "
-                         'hidden (0.9 in the paper; 1 leaves the encoder nothing to see)')
+        utils.flag_error(f"--mask_ratio {cfg['mask_ratio']} must be in [0, 1): the fraction of "
+                         'cubes hidden (0.9 in the paper; 1 leaves the encoder nothing to see)')
     utils.check_clip_flags(cfg)
     if int(cfg['mask_ratio'] * (cfg['input_size'] // (cfg['patch_size'] or 16)) ** 2) < 1:
-        utils.flag_error(f"--mask_ratio {cfg['mask_ratio']} hides no cube of a frame: nothing to learn")
+        utils.flag_error(f"--mask_ratio {cfg['mask_ratio']} hides no cube of a frame: "
+                         'nothing to learn')
     return cfg
 
 
 def build_model(cfg):
     kw = {k: cfg[k] for k in DECODER_KEYS if cfg[k] is not None}
-    return videomae.build_pretrain(cfg['model'], **utils.shape(cfg), **kw, drop_path_rate=cfg['drop_path'],
+    return videomae.build_pretrain(cfg['model'], **utils.shape(cfg), **kw,
+                                   drop_path_rate=cfg['drop_path'],
                                    use_checkpoint=cfg['use_checkpoint'])
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The loop.
 
 def train(cfg, d):
@@ -117,10 +129,11 @@ def train(cfg, d):
     dataset = data.VideoDataset(samples, mode='train', num_frames=cfg['num_frames'],
                                 sampling_rate=cfg['sampling_rate'], input_size=cfg['input_size'],
                                 crop=cfg['crop'], flip=cfg['flip'], seed=cfg['seed'])
-    loader = data.make_loader(dataset, cfg['batch_size'], train=True, num_workers=cfg['num_workers'],
-                              seed=cfg['seed'])
+    loader = data.make_loader(dataset, cfg['batch_size'], train=True,
+                              num_workers=cfg['num_workers'], seed=cfg['seed'])
     model = build_model(cfg).to(d.device)
-    groups = utils.param_groups(model, cfg['weight_decay'])     # no decay: biases, norms, mask token
+    # no decay: biases, norms, mask token
+    groups = utils.param_groups(model, cfg['weight_decay'])
     optimizer = utils.make_adamw(groups, cfg['lr'], cfg['opt_betas'], d.device)
     run = utils.start(cfg, 'pretrain', d, model, optimizer, loader, classes, data.FailureLog())
     p, t, make_mask = model.patch_size, model.tubelet_size, MASKS[cfg['mask_type']]
@@ -129,8 +142,10 @@ def train(cfg, d):
         video = data.normalize(batch['video'].to(d.device, non_blocking=True).flatten(0, 1))
         # the masks are a pure function of (seed, step, micro-batch, rank): a resumed run draws the
         # same masks as an uninterrupted one
-        g = torch.Generator(d.device).manual_seed(hash((cfg['seed'], run.it, micro, d.rank)) % 2**62)
-        mask = make_mask(len(video), model.grid(video.shape), cfg['mask_ratio'], g, d.device)  # (B, N)
+        g = torch.Generator(d.device).manual_seed(
+            hash((cfg['seed'], run.it, micro, d.rank)) % 2**62)
+        # (B, N), True = hidden
+        mask = make_mask(len(video), model.grid(video.shape), cfg['mask_ratio'], g, d.device)
         pred = run.net(video, mask)                     # (B, N_masked, 3*t*p*p)
         return videomae.pretrain_loss(pred, video, mask, p, t, cfg['normalize_target'])
 
@@ -146,15 +161,17 @@ def train(cfg, d):
     return model
 
 
-# ----------------------------------------------------------------------------------------------------
-# Reconstruction pictures (appendix § E, Figures 10 and 11). One PNG per held-out video, rows from top
-# to bottom: the original frames, then for each ratio of VIS_RATIOS the masked input (hidden cubes
-# grey) and the reconstruction (visible cubes original; each predicted cube un-normalised with the
-# mean/std of the original cube, as the official visualisation: its brightness comes from the truth).
+# --------------------------------------------------------------------------------------------------
+# Reconstruction pictures (appendix § E, Figures 10 and 11). One PNG per held-out video, rows from
+# top to bottom: the original frames, then for each ratio of VIS_RATIOS the masked input (hidden
+# cubes grey) and the reconstruction (visible cubes original; each predicted cube un-normalised with
+# the mean/std of the original cube, as the official visualisation: its brightness comes from the
+# truth).
 
 @torch.no_grad()
 def reconstructions(model, cfg, device, autocast, out_dir):
-    """Write out_dir/video-K.png for cfg['vis_videos'] test videos -> the (3, H, W) uint8 pictures."""
+    """Write out_dir/video-K.png for cfg['vis_videos'] test videos -> the (3, H, W) uint8
+    pictures."""
     samples, _ = data.load_split(cfg['dataset'], cfg['data_path'], 'test', cfg['fold'])
     n = min(cfg['vis_videos'], len(samples))
     picks = sorted({round(i * (len(samples) - 1) / max(n - 1, 1)) for i in range(n)})  # spread out
@@ -179,7 +196,7 @@ def reconstructions(model, cfg, device, autocast, out_dir):
                 .repeat_interleave(p, 4)                              # (1, 1, T, S, S) pixels
             rows += [original.masked_fill(hidden, 0.5),
                      videomae.reconstruct(video, mask, pred.float(), p, t, cfg['normalize_target'])]
-        frames = torch.cat([r[0, :, show].transpose(0, 1) for r in rows]).cpu()   # (rows*F, 3, S, S)
+        frames = torch.cat([r[0, :, show].transpose(0, 1) for r in rows]).cpu()  # (rows*F, 3, S, S)
         frames = frames.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
         picture = torchvision.utils.make_grid(frames, nrow=len(show), padding=2, pad_value=1.0)
         picture = (picture.clamp(0, 1) * 255).round().to(torch.uint8)
@@ -196,7 +213,8 @@ def main(argv=None):
         model = build_model(cfg).to(d.device)
         videomae.load_checkpoint(model, cfg['visualize'])
         name = os.path.splitext(os.path.basename(cfg['visualize']))[0]
-        out = os.path.join(os.path.dirname(os.path.abspath(cfg['visualize'])), 'reconstructions', name)
+        out = os.path.join(os.path.dirname(os.path.abspath(cfg['visualize'])), 'reconstructions',
+                           name)
         reconstructions(model, cfg, d.device, utils.amp_setup(d.device, cfg['precision'])[0], out)
         return print(f'pictures in {out}')
     train(cfg, d)

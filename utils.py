@@ -35,7 +35,7 @@ SIZES = ('small', 'base', 'large', 'huge')
 SHAPE_KEYS = ('model', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'tubelet_size')
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Command line: the stage's recipe table gives the defaults, explicit flags win.
 
 def flag_error(message):
@@ -54,14 +54,15 @@ def model_name(value):
 
 
 def recipe_help(table, key):
-    """'recipe default: ssv2/k400 1024, ucf101 192' for a flag's --help, so every default is visible."""
+    """'recipe default: ssv2/k400 1024, ucf101 192' for a flag's --help (every default visible)."""
     vals = {}
     for name, row in table.items():
         if key in row:
             vals.setdefault(str(row[key]), []).append(name)
     if len(vals) == 1 and sum(map(len, vals.values())) == len(table):
         return f'recipe default: {next(iter(vals))}'
-    return 'recipe default: ' + ', '.join(f'{"/".join(n)} {v}' for v, n in vals.items()) if vals else ''
+    return ('recipe default: ' + ', '.join(f'{"/".join(n)} {v}' for v, n in vals.items())
+            if vals else '')
 
 
 def add_common_flags(p, recipes):
@@ -72,20 +73,24 @@ def add_common_flags(p, recipes):
     g.add_argument('--epochs', type=int, help=r('epochs', 'epochs; the cosine spans all of them'))
     g.add_argument('--warmup_epochs', type=int, help=r('warmup_epochs', 'linear warm-up from 0'))
     g.add_argument('--lr', type=float, help=r('lr', 'BASE lr: the peak is lr x total_batch / 256'))
-    g.add_argument('--min_lr', type=float, help=r('min_lr', 'final lr of the cosine, scaled like --lr'))
+    g.add_argument('--min_lr', type=float,
+                   help=r('min_lr', 'final lr of the cosine, scaled like --lr'))
     g.add_argument('--weight_decay', type=float, help=r('weight_decay', 'weight decay'))
     g.add_argument('--total_batch', type=int, help=r('total_batch', 'clips per optimiser step, all '
                    'processes; reached by gradient accumulation'))
     g.add_argument('--batch_size', type=int, help=r('batch_size', 'clips per process and forward; '
                    'unset: the largest that splits --total_batch over the processes'))
-    g.add_argument('--clip_grad', type=float, help='clip the gradient norm (the recipes do not clip)')
+    g.add_argument('--clip_grad', type=float,
+                   help='clip the gradient norm (the recipes do not clip)')
     g = p.add_argument_group('run')
-    g.add_argument('--output_dir', help='checkpoints, log.jsonl, config.json (default runs/<stage>-..)')
+    g.add_argument('--output_dir',
+                   help='checkpoints, log.jsonl, config.json (default runs/<stage>-..)')
     g.add_argument('--resume', default='auto', help="'auto' (default): the latest checkpoint in "
                    "--output_dir; a path; '' to start fresh")
-    g.add_argument('--save_ckpt_freq', type=int, help=r('save_ckpt_freq', 'keep every N-th epoch\'s '
+    g.add_argument('--save_ckpt_freq', type=int, help=r('save_ckpt_freq', "keep every N-th epoch's "
                    'checkpoint; the latest is always kept'))
-    g.add_argument('--num_workers', type=int, help=r('num_workers', 'decoding processes per process'))
+    g.add_argument('--num_workers', type=int,
+                   help=r('num_workers', 'decoding processes per process'))
     g.add_argument('--seed', type=int, default=0, help='init, sampling, augmentation (default 0)')
     g.add_argument('--device', default='auto', help='auto (a GPU if there is one), cpu or cuda')
     g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
@@ -96,7 +101,8 @@ def add_common_flags(p, recipes):
 
 def add_shape_flags(p, recipes):
     g = p.add_argument_group("model shape (default: the initial checkpoint's, else the recipe's)")
-    g.add_argument('--model', type=model_name, help=f'{", ".join(SIZES)} ({recipe_help(recipes, "model")})')
+    g.add_argument('--model', type=model_name,
+                   help=f'{", ".join(SIZES)} ({recipe_help(recipes, "model")})')
     for key, text in [('embed_dim', 'encoder width'), ('depth', 'encoder blocks'),
                       ('num_heads', 'encoder heads'), ('patch_size', 'patch side in pixels'),
                       ('tubelet_size', 'frames per cube')]:
@@ -110,10 +116,10 @@ def add_data_flags(p, recipes, datasets=None):
     def r(key, text):
         return f'{text} ({recipe_help(recipes, key)})'
     g = p.add_argument_group('data')
-    g.add_argument('--dataset', choices=datasets or list(recipes), help='which recipe row and reader (default: '
-                   'synthetic, generated on first use)')
-    g.add_argument('--data_path', help='the dataset folder as downloaded (README: datasets); a list '
-                   'file or its folder for --dataset list; synthetic: the generated cache')
+    g.add_argument('--dataset', choices=datasets or list(recipes),
+                   help='which recipe row and reader (default: synthetic, generated on first use)')
+    g.add_argument('--data_path', help='the dataset folder as downloaded (README: datasets); a '
+                   'list file or its folder for --dataset list; synthetic: the generated cache')
     g.add_argument('--fold', type=int, default=1, help='UCF101/HMDB51 split, 1-3 (default 1)')
     g.add_argument('--num_frames', type=int, help=r('num_frames', 'frames per clip'))
     g.add_argument('--sampling_rate', type=int, help=r('sampling_rate', 'stride between frames'))
@@ -125,13 +131,14 @@ def check_clip_flags(cfg):
     """Clips must cut into whole cubes; a real dataset needs its folder."""
     p, t = cfg.get('patch_size') or 16, cfg.get('tubelet_size') or 2
     if cfg['num_frames'] % t:
-        flag_error(f"--num_frames {cfg['num_frames']} is not divisible by the tubelet size {t} (frames "
-                   f"per cube); use a multiple of {t}")
+        flag_error(f"--num_frames {cfg['num_frames']} is not divisible by the tubelet size {t} "
+                   f"(frames per cube); use a multiple of {t}")
     if cfg['input_size'] % p:
-        flag_error(f"--input_size {cfg['input_size']} is not divisible by the patch size {p}; use a "
-                   f"multiple of {p}, e.g. {max(p, cfg['input_size'] // p * p)}")
+        flag_error(f"--input_size {cfg['input_size']} is not divisible by the patch size {p}; "
+                   f"use a multiple of {p}, e.g. {max(p, cfg['input_size'] // p * p)}")
     if cfg.get('dataset', 'synthetic') != 'synthetic' and not cfg['data_path']:
-        flag_error(f"--dataset {cfg['dataset']} needs --data_path (the folder you downloaded; README)")
+        flag_error(f"--dataset {cfg['dataset']} needs --data_path "
+                   "(the folder you downloaded; README)")
 
 
 def shape(cfg):
@@ -142,16 +149,17 @@ def shape(cfg):
 
 def resolve(parser, argv, recipe_of, output_of, init_flag=None, init_keys=SHAPE_KEYS):
     """Flags > the config of the checkpoint being resumed > the initial weights' config (init_flag,
-    e.g. --finetune: its init_keys; all keys: the run is that checkpoint's, no auto-resume) > the recipe
-    row recipe_of(cfg). --resume auto finds the latest checkpoint of the output folder and resolves
-    again with it. -> a plain dict, checked before any work."""
+    e.g. --finetune: its init_keys; all keys: the run is that checkpoint's, no auto-resume) > the
+    recipe row recipe_of(cfg). --resume auto finds the latest checkpoint of the output folder and
+    resolves again with it. -> a plain dict, checked before any work."""
     args = parser.parse_args(argv)
     saved = checkpoint_meta(args.resume)['config'] if args.resume not in ('auto', '') else {}
     init = getattr(args, init_flag) if init_flag else None
     init = checkpoint_meta(init)['config'] if init else {}
     cfg = dict(vars(args))
     for source in (saved, {k: v for k, v in init.items() if init_keys is None or k in init_keys}):
-        cfg.update({k: v for k, v in source.items() if k in cfg and cfg[k] is None and k != 'output_dir'})
+        cfg.update({k: v for k, v in source.items()
+                    if k in cfg and cfg[k] is None and k != 'output_dir'})
     if 'dataset' in cfg:
         cfg['dataset'] = cfg['dataset'] or 'synthetic'
     for key, value in recipe_of(cfg).items():
@@ -160,17 +168,20 @@ def resolve(parser, argv, recipe_of, output_of, init_flag=None, init_keys=SHAPE_
         cfg[key] = value if cfg[key] is None else cfg[key]
     cfg['output_dir'] = cfg['output_dir'] or (os.path.dirname(os.path.abspath(args.resume)) if saved
                                               else os.path.join('runs', output_of(cfg)))
-    if args.resume == 'auto' and latest_checkpoint(cfg['output_dir']) and not (init and init_keys is None):
-        return resolve(parser, [*(sys.argv[1:] if argv is None else argv), '--resume',
-                                latest_checkpoint(cfg['output_dir'])], recipe_of, output_of, init_flag, init_keys)
-    for key in ('epochs', 'total_batch', 'num_frames', 'input_size', 'sampling_rate', 'save_ckpt_freq',
-                'test_clips', 'test_crops', 'short_side', 'batch_size'):
+    latest = args.resume == 'auto' and latest_checkpoint(cfg['output_dir'])
+    if latest and not (init and init_keys is None):
+        return resolve(parser, [*(sys.argv[1:] if argv is None else argv), '--resume', latest],
+                       recipe_of, output_of, init_flag, init_keys)
+    for key in ('epochs', 'total_batch', 'num_frames', 'input_size', 'sampling_rate',
+                'save_ckpt_freq', 'test_clips', 'test_crops', 'short_side', 'batch_size'):
         if cfg.get(key) is not None and cfg[key] < 1:
             flag_error(f'--{key} must be at least 1, got {cfg[key]}')
     if cfg.get('num_workers') is not None and cfg['num_workers'] < 0:
-        flag_error(f'--num_workers must be 0 (decode in the main process) or more, got {cfg["num_workers"]}')
+        flag_error('--num_workers must be 0 (decode in the main process) or more, '
+                   f'got {cfg["num_workers"]}')
     if cfg['warmup_epochs'] > cfg['epochs']:
-        flag_error(f'--warmup_epochs {cfg["warmup_epochs"]} is longer than --epochs {cfg["epochs"]}')
+        flag_error(f'--warmup_epochs {cfg["warmup_epochs"]} is longer than '
+                   f'--epochs {cfg["epochs"]}')
     cfg['batch_size'], cfg['accum_iter'] = fit_batch(cfg['total_batch'], cfg['batch_size'],
                                                      int(os.environ.get('WORLD_SIZE', 1)),
                                                      args.batch_size is not None)
@@ -199,7 +210,7 @@ def format_config(cfg):
     return '\n'.join(f'  {k:<{width}} {v}' for k, v in sorted(cfg.items()))
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Distributed: one code path for `python X.py` and `torchrun --nproc_per_node=N X.py`.
 
 @dataclass
@@ -224,7 +235,8 @@ def init_distributed(device_arg='auto'):
         device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
         torch.cuda.set_device(device)
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if use_cuda else 'gloo', device_id=device if use_cuda else None)
+        dist.init_process_group('nccl' if use_cuda else 'gloo',
+                                device_id=device if use_cuda else None)
     return Dist(rank, world_size, device)
 
 
@@ -235,7 +247,7 @@ def cleanup_distributed():
 
 
 def all_reduce_mean(t):
-    """Mean over ranks of a tensor (for logs and the finite check: every rank then decides alike)."""
+    """Mean over ranks of a tensor (logs and the finite check: every rank then decides alike)."""
     if dist.is_initialized():
         t = t.clone()
         dist.all_reduce(t)
@@ -249,18 +261,19 @@ def seed_everything(seed):
     torch.manual_seed(seed)
 
 
-# ----------------------------------------------------------------------------------------------------
-# Optimisation: appendix § B scales the lr with the batch; cosine per iteration after a linear warm-up.
+# --------------------------------------------------------------------------------------------------
+# Optimisation: appendix § B scales lr with the batch; cosine per iteration after a linear warm-up.
 
 def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value):
     if step < warmup_steps:
         return base_value * step / warmup_steps
-    progress = (step - warmup_steps) / max(1, total_steps - warmup_steps)
-    return final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * min(1.0, progress)))
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))
+    return final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * progress))
 
 
 def layer_id(name, depth):
-    """Layer of a parameter for layer-wise lr decay: embedding 0, block i -> i + 1, the rest depth + 1."""
+    """Layer of a parameter for layer-wise lr decay: embedding 0, block i -> i + 1, the rest
+    depth + 1."""
     name = name.removeprefix('encoder.')
     if name.startswith(('patch_embed', 'pos_embed', 'mask_token', 'cls_token')):
         return 0
@@ -268,8 +281,8 @@ def layer_id(name, depth):
 
 
 def param_groups(model, weight_decay, layer_decay=1.0, depth=None):
-    """AdamW groups: no weight decay on biases, norms and tokens (1-D); lr_scale = decay^(depth+1-layer).
-    layer_decay 1 (pre-training, from scratch) gives two groups."""
+    """AdamW groups: no weight decay on biases, norms and tokens (1-D); lr_scale =
+    decay^(depth+1-layer). layer_decay 1 (pre-training, from scratch) gives two groups."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -304,7 +317,7 @@ def amp_setup(device, precision='auto'):
     return (lambda: torch.autocast(device.type, dtype=dtype)), scaler, precision
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Checkpoints: atomic writes, the latest found by name, every RNG restored (exact resume).
 
 def save_checkpoint(path, state):
@@ -317,16 +330,17 @@ def save_checkpoint(path, state):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except (OSError, RuntimeError) as e:          # torch.save reports a short write as RuntimeError
+    except (OSError, RuntimeError) as e:  # torch.save reports a short write as RuntimeError
         if os.path.exists(tmp):
             os.remove(tmp)
-        raise SystemExit(f'error: writing {path} failed ({str(e).splitlines()[0][:200]}): is the disk '
-                         f'full or over quota? The earlier checkpoints in {os.path.dirname(path)} are '
-                         'kept; free space and rerun the same command to resume') from None
+        raise SystemExit(f'error: writing {path} failed ({str(e).splitlines()[0][:200]}): is the '
+                         'disk full or over quota? The earlier checkpoints in '
+                         f'{os.path.dirname(path)} are kept; free space and rerun the same command '
+                         'to resume') from None
 
 
 def checkpoint_name(epoch, step_in_epoch=0):
-    """checkpoint-00040.pth: 40 epochs done; checkpoint-00040-000123.pth: 123 steps into epoch 41."""
+    """checkpoint-00040.pth: 40 epochs done; checkpoint-00040-000123.pth: 123 steps in epoch 41."""
     return f'checkpoint-{epoch:05d}' + (f'-{step_in_epoch:06d}' if step_in_epoch else '') + '.pth'
 
 
@@ -352,15 +366,17 @@ def load_state(path):
     if os.path.getsize(path) == 0:
         raise SystemExit(f'error: checkpoint {path} is an empty file')
     try:
-        with torch.serialization.safe_globals([argparse.Namespace]):   # official files pickle their args
+        # official files pickle their args
+        with torch.serialization.safe_globals([argparse.Namespace]):
             return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
-        raise SystemExit(f'error: {path} is not a readable PyTorch checkpoint ({type(e).__name__}: '
-                         f'{str(e).splitlines()[0][:200]})') from None
+        raise SystemExit(f'error: {path} is not a readable PyTorch checkpoint '
+                         f'({type(e).__name__}: {str(e).splitlines()[0][:200]})') from None
 
 
 def checkpoint_meta(path):
-    """{'config', 'classes', 'stage'} of a checkpoint (mmap: no tensor is read); empty for official files."""
+    """{'config', 'classes', 'stage'} of a checkpoint (mmap: no tensor is read); empty for
+    official files."""
     obj = load_state(path)
     obj = obj if isinstance(obj, dict) else {}
     cfg = obj.get('config')
@@ -372,8 +388,8 @@ def rng_state():
     """Every RNG state as tensors and plain values, so checkpoints load with weights_only=True."""
     _, keys, pos, has_gauss, gauss = np.random.get_state()
     state = {'python': list(random.getstate()[1]), 'python_version': random.getstate()[0],
-             'numpy': torch.from_numpy(keys.astype(np.int64)), 'numpy_rest': [pos, has_gauss, gauss],
-             'torch': torch.get_rng_state()}
+             'numpy': torch.from_numpy(keys.astype(np.int64)),
+             'numpy_rest': [pos, has_gauss, gauss], 'torch': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
     return state
@@ -381,17 +397,16 @@ def rng_state():
 
 def set_rng_state(state):
     random.setstate((state['python_version'], tuple(state['python']), None))
-    pos, has_gauss, gauss = state['numpy_rest']
-    np.random.set_state(('MT19937', state['numpy'].numpy().astype(np.uint32), pos, has_gauss, gauss))
+    np.random.set_state(('MT19937', state['numpy'].numpy().astype(np.uint32), *state['numpy_rest']))
     torch.set_rng_state(state['torch'])
     if 'cuda' in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state['cuda'])
 
 
 def lock_output_dir(folder):
-    """Create folder and hold an exclusive lock on it for this process's life: a second run into the
-    same folder refuses instead of interleaving logs and overwriting checkpoints. The kernel drops the
-    lock when the holder dies, so a stale lock never blocks."""
+    """Create folder and hold an exclusive lock on it for this process's life: a second run into
+    the same folder refuses instead of interleaving logs and overwriting checkpoints. The kernel
+    drops the lock when the holder dies, so a stale lock never blocks."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise SystemExit(f'error: --output_dir {folder} is a file, not a folder; pass another path')
     os.makedirs(folder, exist_ok=True)
@@ -401,14 +416,15 @@ def lock_output_dir(folder):
     except OSError:
         f.seek(0)
         raise SystemExit(f'error: --output_dir {folder} is in use by another run (pid '
-                         f'{f.read().strip() or "?"}); wait for it or pass another --output_dir') from None
+                         f'{f.read().strip() or "?"}); wait for it or pass another '
+                         '--output_dir') from None
     f.truncate(0)
     f.write(str(os.getpid()))
     f.flush()
-    return f                                      # keep a reference: closing it releases the lock
+    return f  # keep a reference: closing it releases the lock
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # The run: what every stage's loop shares.
 
 @dataclass
@@ -458,7 +474,8 @@ def start(cfg, stage, d, model, optimizer, loader, classes, failures, net=None, 
         ids = [d.device.index] if d.device.type == 'cuda' else None
         run.net = torch.nn.parallel.DistributedDataParallel(run.net, device_ids=ids)
     run.net = torch.compile(run.net) if cfg.get('compile') else run.net
-    cfg.update(world_size=d.world_size, steps_per_epoch=run.steps_per_epoch, precision_used=run.precision)
+    cfg.update(world_size=d.world_size, steps_per_epoch=run.steps_per_epoch,
+               precision_used=run.precision)
     run.it = run.start_epoch * run.steps_per_epoch + run.start_step
     run.log = Log(cfg['output_dir'], d.is_main, cfg.get('log_dir'), run.it)
     run.preempt = Preemption()
@@ -469,10 +486,10 @@ def start(cfg, stage, d, model, optimizer, loader, classes, failures, net=None, 
         print(f"{len(loader.dataset)} training items, {run.steps_per_epoch} steps per epoch of "
               f"{cfg['accum_iter']} x {cfg['batch_size']} clips x {d.world_size} process(es); "
               f"peak lr {cfg['lr'] * cfg['total_batch'] / 256:.3g} = {cfg['lr']:g} x "
-              f"{cfg['total_batch']} / 256; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M "
-              f"parameters; {run.precision} on {d.device}"
-              + (f'; resuming {path} at epoch {run.start_epoch} step {run.start_step}' if path else ''),
-              flush=True)
+              f"{cfg['total_batch']} / 256; {sum(p.numel() for p in model.parameters()) / 1e6:.2f}"
+              f"M parameters; {run.precision} on {d.device}"
+              + (f'; resuming {path} at epoch {run.start_epoch} step {run.start_step}'
+                 if path else ''), flush=True)
     total = cfg['epochs'] * run.steps_per_epoch
     run.bar = tqdm(total=total, initial=min(run.it, total), disable=not d.is_main, unit='step',
                    dynamic_ncols=True)
@@ -483,20 +500,21 @@ def resume(run, path):
     state = load_state(path)
     if state.get('stage') != run.stage:
         what = f"a {state['stage']!r}" if state.get('stage') else 'not a training'
-        raise SystemExit(f'error: --resume {path} is {what} checkpoint, not a {run.stage!r} one; give '
-                         'it as the initial weights (--finetune) and a fresh --output_dir instead')
+        raise SystemExit(f'error: --resume {path} is {what} checkpoint, not a {run.stage!r} one; '
+                         'give it as the initial weights (--finetune) and a fresh --output_dir '
+                         'instead')
     try:
         run.model.load_state_dict(state['model'])
     except RuntimeError as e:
-        raise SystemExit(f'error: --resume {path} does not fit the model these flags build (another '
-                         f'size or shape flag?): {str(e)[:300]}') from None
+        raise SystemExit(f'error: --resume {path} does not fit the model these flags build '
+                         f'(another size or shape flag?): {str(e)[:300]}') from None
     run.optimizer.load_state_dict(state['optimizer'])
     if run.scaler is not None and state.get('scaler'):
         run.scaler.load_state_dict(state['scaler'])
     ranks = state.get('rng_ranks') or [state['rng']]
     set_rng_state(ranks[run.dist.rank] if run.dist.rank < len(ranks) else state['rng'])
     run.start_epoch, run.start_step = state['epoch'], state['step_in_epoch']
-    if run.start_step >= run.steps_per_epoch:     # saved after an epoch's last step
+    if run.start_step >= run.steps_per_epoch:  # saved after an epoch's last step
         run.start_epoch, run.start_step = run.start_epoch + 1, 0
 
 
@@ -518,8 +536,8 @@ def steps(run, epoch):
 def stop(run, path):
     run.bar.close()
     if run.dist.is_main:
-        print(f'{run.preempt.requested or "another rank was signalled"}: saved {path}; the same command '
-              'resumes', flush=True)
+        print(f'{run.preempt.requested or "another rank was signalled"}: saved {path}; '
+              'the same command resumes', flush=True)
     cleanup_distributed()
     raise SystemExit(0)
 
@@ -533,7 +551,7 @@ def train_step(run, loss_of):
     run.lr = cosine_schedule(run.it, total, cfg['warmup_epochs'] * run.steps_per_epoch,
                              cfg['lr'] * scale, cfg['min_lr'] * scale)
     for g in run.optimizer.param_groups:
-        g['lr'] = run.lr * g.get('lr_scale', 1.0)     # layer decay scales every group but the head
+        g['lr'] = run.lr * g.get('lr_scale', 1.0)  # layer decay scales every group but the head
     run.meter.start_step()
     loss_sum = torch.zeros((), device=dev)
     for micro in range(accum):
@@ -544,28 +562,29 @@ def train_step(run, loss_of):
             with run.autocast():
                 loss = loss_of(batch, micro) / accum
             (run.scaler.scale(loss) if run.scaler else loss).backward()
-        loss_sum += loss.detach().float()               # no host sync per micro-batch
+        loss_sum += loss.detach().float()  # no host sync per micro-batch
     if run.scaler is not None:
-        run.scaler.unscale_(run.optimizer)              # the norm and the clip in true units
+        run.scaler.unscale_(run.optimizer)  # the norm and the clip in true units
     params = [p for g in run.optimizer.param_groups for p in g['params'] if p.grad is not None]
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg['clip_grad']) if cfg['clip_grad'] else \
         torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-    loss = all_reduce_mean(loss_sum).item()             # one sync per step: every rank stops alike
+    loss = all_reduce_mean(loss_sum).item()  # one sync per step: every rank stops alike
     if not math.isfinite(loss):
-        raise SystemExit(f"error: the loss is {loss} at step {run.it + 1}; stopping before it reaches the "
-                         f"weights. The last good checkpoint in {cfg['output_dir']} is kept: resume "
-                         "from it with a lower --lr or --precision fp32")
+        raise SystemExit(f"error: the loss is {loss} at step {run.it + 1}; stopping before it "
+                         f"reaches the weights. The last good checkpoint in {cfg['output_dir']} is "
+                         "kept: resume from it with a lower --lr or --precision fp32")
     if run.scaler is None:
         run.optimizer.step()
-    else:                                               # fp16: skips a step whose gradients overflowed
+    else:  # fp16: skips a step whose gradients overflowed
         run.scaler.step(run.optimizer)
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
     speed = run.meter.end_step(loss)
     run.log.write('step', run.it + 1, epoch=run.it // run.steps_per_epoch, loss=loss, lr=run.lr,
                   grad_norm=gnorm.item(), **speed)
-    run.bar.set_postfix_str(f"ep {run.it // run.steps_per_epoch + 1}/{cfg['epochs']} loss {loss:.4f} "
-                            f"lr {run.lr:.2e} {speed['clips_per_s']:.1f} clips/s", refresh=False)
+    run.bar.set_postfix_str(f"ep {run.it // run.steps_per_epoch + 1}/{cfg['epochs']} "
+                            f"loss {loss:.4f} lr {run.lr:.2e} {speed['clips_per_s']:.1f} clips/s",
+                            refresh=False)
     run.bar.update(1)
     return loss
 
@@ -576,7 +595,7 @@ def end_epoch(run, epoch, **metrics):
     -> the checkpoint's path if it is one kept for good (every save_ckpt_freq-th and the last)."""
     cfg, m = run.cfg, run.meter
     run.failures.end_epoch(m.steps * cfg['total_batch'] // run.dist.world_size)
-    if m.steps:                                   # nothing ran when resumed at the epoch's end
+    if m.steps:  # nothing ran when resumed at the epoch's end
         s = dict(epoch=epoch + 1, lr=run.lr, **m.summary(), **metrics)
         run.log.write('epoch', (epoch + 1) * run.steps_per_epoch, **s)
         if run.dist.is_main:
@@ -618,7 +637,7 @@ def save(run, epoch, step_in_epoch):
 
 
 class Preemption:
-    """SIGTERM/SIGINT set a flag that the loop checks between steps. A second SIGINT stops at once."""
+    """SIGTERM/SIGINT set a flag the loop checks between steps. A second SIGINT stops at once."""
 
     def __init__(self):
         self.requested = None
@@ -629,8 +648,8 @@ class Preemption:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = signal.Signals(signum).name
-        print(f'\n{self.requested}: saving a checkpoint after this step, then exiting', file=sys.stderr,
-              flush=True)
+        print(f'\n{self.requested}: saving a checkpoint after this step, then exiting',
+              file=sys.stderr, flush=True)
 
     def should_stop(self, device):
         """True on every rank as soon as any rank was signalled (so all save at the same step)."""
@@ -645,7 +664,8 @@ class StepMeter:
     loss, clips/s and the share of time waiting for data (large: more --num_workers would help)."""
 
     def __init__(self, clips_per_step):
-        self.clips_per_step, self.steps, self.loss, self.wait_sum, self.time_sum = clips_per_step, 0, 0, 0, 0
+        self.clips_per_step = clips_per_step
+        self.steps = self.loss = self.wait_sum = self.time_sum = 0
 
     def start_step(self):
         self.t0, self.wait = time.perf_counter(), 0.0
@@ -665,13 +685,14 @@ class StepMeter:
 
     def summary(self):
         t = max(self.time_sum, 1e-9)
-        return dict(loss=self.loss / max(self.steps, 1), clips_per_s=round(self.steps * self.clips_per_step / t, 2),
+        return dict(loss=self.loss / max(self.steps, 1),
+                    clips_per_s=round(self.steps * self.clips_per_step / t, 2),
                     data_wait=round(self.wait_sum / t, 3), epoch_s=round(self.time_sum, 2))
 
 
 class Log:
     """log.jsonl in the output folder (rank 0, appended across resumes) and, with --log_dir,
-    TensorBoard scalars at global step = optimiser steps done (a resume continues the same curves)."""
+    TensorBoard scalars at global step = optimiser steps done (a resume continues the curves)."""
 
     def __init__(self, output_dir, enabled=True, log_dir=None, step=0):
         self.path = os.path.join(output_dir, 'log.jsonl') if enabled else None
@@ -680,15 +701,16 @@ class Log:
             try:
                 from torch.utils.tensorboard import SummaryWriter
             except ImportError:
-                raise SystemExit('error: --log_dir needs the tensorboard package: pip install tensorboard') \
-                    from None
-            self.tb = SummaryWriter(log_dir, purge_step=step or None)   # drops points past a resume
+                raise SystemExit('error: --log_dir needs the tensorboard package: '
+                                 'pip install tensorboard') from None
+            self.tb = SummaryWriter(log_dir, purge_step=step + 1 if step else None)  # after resume
 
     def write(self, kind, step, **record):
         if not self.path:
             return
         with open(self.path, 'a') as f:
-            f.write(json.dumps({'kind': kind, 'it': step, **record, 'time': round(time.time(), 3)}) + '\n')
+            f.write(json.dumps({'kind': kind, 'it': step, **record,
+                                'time': round(time.time(), 3)}) + '\n')
         if self.tb:
             for k, v in record.items():
                 if isinstance(v, (int, float)) and k not in ('epoch', 'it'):
@@ -702,7 +724,7 @@ class Log:
             self.tb.flush()
 
 
-# ----------------------------------------------------------------------------------------------------
+# --------------------------------------------------------------------------------------------------
 # Evaluation (finetune.py, linprobe.py): the softmax scores of all views of a video are averaged.
 
 class ViewMerger:
@@ -746,7 +768,7 @@ def per_class_accuracy(scores, labels, classes):
 
 
 def compare_per_class(csv_a, csv_b, margin=5.0):
-    """Classes where model A beats B (and B beats A) by more than margin points (appendix Figs. 7, 8)."""
+    """Classes where A beats B (and B beats A) by more than margin points (appendix Figs. 7, 8)."""
     def read(p):
         with open(p, newline='') as f:
             return {r['class']: float(r['top1']) for r in csv.DictReader(f)}
@@ -761,7 +783,8 @@ def compare_per_class(csv_a, csv_b, margin=5.0):
 
 
 @torch.no_grad()
-def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefix=None, max_clips=None):
+def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefix=None,
+             max_clips=None):
     """Every view of every video through model_fn (uint8 clips (n, 3, T, H, W) -> logits (n, C)), in
     chunks of max_clips (clips x crops views would multiply a batch's memory), merged over ranks ->
     {'top1', 'top5', 'videos'}. With save_prefix rank 0 also writes <prefix>-results.json and
@@ -769,10 +792,11 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
     merger = ViewMerger()
     for batch in tqdm(loader, desc=title, disable=not d.is_main, leave=False, dynamic_ncols=True):
         failures.update(batch['failed'])
-        video = batch['video'].to(d.device, non_blocking=True)          # (B, V, 3, T, H, W)
+        video = batch['video'].to(d.device, non_blocking=True)  # (B, V, 3, T, H, W)
         clips, chunk = video.flatten(0, 1), max_clips or video.shape[0] * video.shape[1]
         with autocast():
-            logits = torch.cat([model_fn(clips[i:i + chunk]).float() for i in range(0, len(clips), chunk)])
+            logits = torch.cat([model_fn(clips[i:i + chunk]).float()
+                                for i in range(0, len(clips), chunk)])
         merger.add(batch['index'], logits.view(*video.shape[:2], -1), batch['label'])
     failures.end_epoch(len(loader.dataset))
     scores, labels = merger.gather()
@@ -783,11 +807,12 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
         with open(f'{save_prefix}-per-class.csv', 'w', newline='') as f:
             w = csv.writer(f)
             w.writerow(['class', 'videos', 'top1'])
-            w.writerows([n, k, f'{a:.2f}'] for n, k, a in per_class_accuracy(scores, labels, classes))
+            w.writerows([n, k, f'{a:.2f}']
+                        for n, k, a in per_class_accuracy(scores, labels, classes))
         with open(f'{save_prefix}-results.json', 'w') as f:
             json.dump({**metrics, 'title': title}, f, indent=1)
-        print(f"{title}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} over {len(labels)} "
-              f"videos (per class: {save_prefix}-per-class.csv)", flush=True)
+        print(f"{title}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} over "
+              f"{len(labels)} videos (per class: {save_prefix}-per-class.csv)", flush=True)
     return metrics
 
 

@@ -1,5 +1,6 @@
-"""Shared tiny configurations and fixtures: real AVI files in the UCF101 and list-file layouts, a tiny
-pre-training checkpoint, and a runner for the scripts as users type them (subprocess, torchrun)."""
+"""Shared tiny configurations and fixtures: real AVI files in the UCF101 and list-file layouts, a
+tiny pre-training checkpoint, and a runner for the scripts as users type them (subprocess,
+torchrun)."""
 import json
 import os
 import subprocess
@@ -56,7 +57,8 @@ def assert_same_weights(a, b):
 
 
 def sliding_square(rng, direction, size, frames, background):
-    """A coloured 8x8 square sliding in direction (dy, dx) over a gradient: (frames, size, size, 3)."""
+    """A coloured 8x8 square sliding in direction (dy, dx) over a gradient:
+    (frames, size, size, 3)."""
     video = np.repeat(background[None], frames, 0)
     (y0, x0), colour = rng.integers(0, size - 8, 2), rng.integers(100, 255, 3)
     for t in range(frames):
@@ -71,14 +73,16 @@ def gradient(size):
 
 
 def make_ucf_layout(root, per_class_train=4, per_class_test=2, size=40, frames=12):
-    """Real AVI files in the UCF101 layout (UCF-101/<Class>/v_<Class>_gGG_cCC.avi, ucfTrainTestlist/)."""
+    """Real AVI files in the UCF101 layout
+    (UCF-101/<Class>/v_<Class>_gGG_cCC.avi, ucfTrainTestlist/)."""
     rng, background = np.random.default_rng(0), gradient(size)
     os.makedirs(os.path.join(root, 'ucfTrainTestlist'))
     train, test = [], []
     for c, name in enumerate(CLASSES):
         os.makedirs(os.path.join(root, 'UCF-101', name))
         for k in range(per_class_train + per_class_test):
-            video = sliding_square(rng, [(0, -1), (0, 1), (-1, 0), (1, 0)][c], size, frames, background)
+            video = sliding_square(rng, [(0, -1), (0, 1), (-1, 0), (1, 0)][c], size, frames,
+                                   background)
             rel = f'{name}/v_{name}_g{k + 1:02d}_c01.avi'
             data.encode_video(os.path.join(root, 'UCF-101', rel), video)
             (train.append(f'{rel} {c + 1}') if k < per_class_train else test.append(rel))

@@ -1,4 +1,5 @@
-"""load_split reads each dataset in the layout users download (tiny real videos, real annotation syntax)."""
+"""load_split reads each dataset in the layout users download (tiny real videos, real annotation
+syntax)."""
 import json
 import os
 
@@ -11,7 +12,8 @@ import data
 def clip(path, frames=20, h=32, w=32, seed=0):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rng = np.random.default_rng(seed)
-    data.encode_video(str(path), rng.integers(0, 255, (frames, h, w, 3), dtype=np.uint8), fps=25, gop=12)
+    data.encode_video(str(path), rng.integers(0, 255, (frames, h, w, 3), dtype=np.uint8),
+                      fps=25, gop=12)
 
 
 def write(path, text):
@@ -22,8 +24,10 @@ def write(path, text):
 
 @pytest.fixture
 def ucf(tmp_path):
-    classes = {1: 'ApplyEyeMakeup', 35: 'Hammering', 36: 'HammerThrow', 37: 'HandstandPushups', 101: 'YoYo'}
-    write(tmp_path / 'ucfTrainTestlist/classInd.txt', ''.join(f'{i} {c}\r\n' for i, c in classes.items()))
+    classes = {1: 'ApplyEyeMakeup', 35: 'Hammering', 36: 'HammerThrow', 37: 'HandstandPushups',
+               101: 'YoYo'}
+    write(tmp_path / 'ucfTrainTestlist/classInd.txt',
+          ''.join(f'{i} {c}\r\n' for i, c in classes.items()))
     train, test = [], []
     for i, c in classes.items():
         fname = c.replace('Handstand', 'HandStand')  # the real file names say HandStandPushups
@@ -45,8 +49,10 @@ def test_ucf101_labels_come_from_classind_not_sorted_folders(ucf):
     labels = {os.path.basename(p): y for p, y in samples}
     assert labels['v_Hammering_g08_c01.avi'] == 1 and labels['v_HammerThrow_g08_c01.avi'] == 2
     test, _ = data.load_split('ucf101', str(ucf), 'test')
-    assert len(test) == 5 and all(os.path.isfile(p) for p, _ in test)  # incl. the case-insensitive match
-    assert data.load_split('ucf101', str(ucf / 'UCF-101'), 'val')[0] == test  # data_path = UCF-101 itself
+    # incl. the case-insensitive match
+    assert len(test) == 5 and all(os.path.isfile(p) for p, _ in test)
+    # data_path = UCF-101 itself
+    assert data.load_split('ucf101', str(ucf / 'UCF-101'), 'val')[0] == test
     assert data.decode_frames(samples[0][0], [0, 19]).shape == (2, 32, 32, 3)
 
 
@@ -72,9 +78,10 @@ def test_ucf101_unknown_class_in_split_file(ucf):
 
 
 def test_hmdb51_split_tags(tmp_path):
-    names = {'climb': ['(Rad)Schlag_die_Bank!_climb_f_cm_np1_le_med_0.avi', 'b_climb_u_nm_np1_ba_goo_0.avi',
-                       'c_climb_u_nm_np1_ba_goo_1.avi'],
-             'climb_stairs': ['x_climb_stairs_f_nm_np1_fr_med_0.avi', 'y_climb_stairs_f_nm_np1_fr_med_1.avi',
+    names = {'climb': ['(Rad)Schlag_die_Bank!_climb_f_cm_np1_le_med_0.avi',
+                       'b_climb_u_nm_np1_ba_goo_0.avi', 'c_climb_u_nm_np1_ba_goo_1.avi'],
+             'climb_stairs': ['x_climb_stairs_f_nm_np1_fr_med_0.avi',
+                              'y_climb_stairs_f_nm_np1_fr_med_1.avi',
                               'z_climb_stairs_f_nm_np1_fr_med_2.avi']}
     for c, files in names.items():
         for f in files:
@@ -84,7 +91,8 @@ def test_hmdb51_split_tags(tmp_path):
     train, classes = data.load_split('hmdb51', str(tmp_path), 'train')
     test, _ = data.load_split('hmdb51', str(tmp_path), 'test')
     assert classes == ['climb', 'climb_stairs']
-    assert [(os.path.basename(p), y) for p, y in train] == [(names['climb'][0], 0), (names['climb_stairs'][0], 1)]
+    assert [(os.path.basename(p), y) for p, y in train] == [(names['climb'][0], 0),
+                                                            (names['climb_stairs'][0], 1)]
     assert [os.path.basename(p) for p, _ in test] == [names['climb'][1], names['climb_stairs'][1]]
     with pytest.raises(FileNotFoundError, match='_test_split2.txt'):
         data.load_split('hmdb51', str(tmp_path), 'train', fold=2)
@@ -92,16 +100,20 @@ def test_hmdb51_split_tags(tmp_path):
 
 @pytest.mark.parametrize('layout', ['flat', 'classes'])
 def test_k400_csv_and_clip_layouts(tmp_path, layout):
-    rows = [('abseiling', '--33Lscn6sk', 4, 14), ('passing American football (in game)', 'aaaaaaaaaaa', 0, 10),
+    rows = [('abseiling', '--33Lscn6sk', 4, 14),
+            ('passing American football (in game)', 'aaaaaaaaaaa', 0, 10),
             ("massaging person's head", 'bbbbbbbbbbb', 20, 30), ('abseiling', 'ccccccccccc', 1, 11),
             ('zumba', 'ddddddddddd', 3, 13)]
     csv_text = 'label,youtube_id,time_start,time_end,split,is_cc\n' + ''.join(
-        f'"{l}",{y},{a},{b},train,0\n' if ' ' in l else f'{l},{y},{a},{b},train,0\n' for l, y, a, b in rows)
+        f'"{lab}",{y},{a},{b},train,0\n' if ' ' in lab else f'{lab},{y},{a},{b},train,0\n'
+        for lab, y, a, b in rows)
     write(tmp_path / 'annotations/train.csv', csv_text)
-    write(tmp_path / 'annotations/validate.csv', 'abseiling,--33Lscn6sk,4,14\n')  # 4 columns, no header
+    # 4 columns, no header
+    write(tmp_path / 'annotations/validate.csv', 'abseiling,--33Lscn6sk,4,14\n')
     exts = ['.mp4', '.mkv', '.webm', '.mp4']
     for (label, yid, a, b), ext in zip(rows[:4], exts):  # zumba's clip is missing
-        name = f'{yid}_{a:06d}_{b:06d}{ext}' if ext != '.mkv' else f'{yid}{ext}'  # one named by youtube id only
+        # one named by youtube id only
+        name = f'{yid}_{a:06d}_{b:06d}{ext}' if ext != '.mkv' else f'{yid}{ext}'
         sub = label.replace(' ', '_') if layout == 'classes' else ''
         clip(tmp_path / 'train' / sub / name)
         if yid == '--33Lscn6sk':
@@ -119,23 +131,29 @@ def test_k400_csv_and_clip_layouts(tmp_path, layout):
 
 
 def test_ssv2_templates_to_labels(tmp_path):
-    labels = {'Holding something next to something': '19', 'Something falling like a feather or paper': '10',
+    labels = {'Holding something next to something': '19',
+              'Something falling like a feather or paper': '10',
               'Putting something, something and something on the table': '2'}
     write(tmp_path / 'labels/labels.json', json.dumps(labels))
-    entries = [{'id': '78687', 'label': 'holding potato next to vicks', 'template': 'Holding [something] next to [something]',
+    entries = [{'id': '78687', 'label': 'holding potato next to vicks',
+                'template': 'Holding [something] next to [something]',
                 'placeholders': ['potato', 'vicks']},
-               {'id': '36585', 'label': 'plastic falling', 'template': '[Something] falling like a feather or paper',
+               {'id': '36585', 'label': 'plastic falling',
+                'template': '[Something] falling like a feather or paper',
                 'placeholders': ['plastic']},
-               {'id': '5', 'label': 'x', 'template': 'Putting [something], [something] and [something] on the table',
+               {'id': '5', 'label': 'x',
+                'template': 'Putting [something], [something] and [something] on the table',
                 'placeholders': ['a', 'b', 'c']}]
     write(tmp_path / 'labels/train.json', json.dumps(entries))
     write(tmp_path / 'labels/validation.json', json.dumps(entries[:1]))
     for e in entries:
         clip(tmp_path / f'20bn-something-something-v2/{e["id"]}.webm')
     samples, classes = data.load_split('ssv2', str(tmp_path), 'train')
-    assert [y for _, y in samples] == [19, 10, 2] and classes[19] == 'Holding something next to something'
+    assert ([y for _, y in samples] == [19, 10, 2]
+            and classes[19] == 'Holding something next to something')
     assert data.load_split('ssv2', str(tmp_path), 'val')[0] == samples[:1]
-    assert data.decode_frames(samples[0][0], [0, 19]).shape == (2, 32, 32, 3)  # WebM: no frame count in header
+    # WebM: no frame count in header
+    assert data.decode_frames(samples[0][0], [0, 19]).shape == (2, 32, 32, 3)
     entries[0]['template'] = 'Holding [something] near [something]'
     write(tmp_path / 'labels/train.json', json.dumps(entries))
     with pytest.raises(ValueError, match='near'):
@@ -147,7 +165,8 @@ def test_official_list_files(tmp_path):
     clip(tmp_path / 'videos/b.avi')
     write(tmp_path / 'lists/train.csv', f'{tmp_path}/videos/a.mp4 0\n../videos/b.avi 3\n')
     samples, classes = data.load_split('list', str(tmp_path / 'lists'), 'train')
-    assert samples == [(f'{tmp_path}/videos/a.mp4', 0), (str(tmp_path / 'lists/../videos/b.avi'), 3)]
+    assert samples == [(f'{tmp_path}/videos/a.mp4', 0),
+                       (str(tmp_path / 'lists/../videos/b.avi'), 3)]
     assert len(classes) == 4
     assert data.load_split('list', str(tmp_path / 'lists/train.csv'), 'train')[0] == samples
     write(tmp_path / 'lists/val.csv', f'{tmp_path}/videos/a.mp4  0\n{tmp_path}/videos/b.avi\n')

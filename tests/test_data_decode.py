@@ -1,4 +1,5 @@
-"""decode_frames returns exactly the asked frames (0-based, display order) on every container we read."""
+"""decode_frames returns exactly the asked frames (0-based, display order) on every container we
+read."""
 
 import av
 import numpy as np
@@ -7,7 +8,8 @@ import torch
 
 import data
 
-BITS = 8  # frame i carries i in binary: 8 big black/white blocks (2 rows x 4), robust to lossy codecs
+# frame i carries i in binary: 8 big black/white blocks (2 rows x 4), robust to lossy codecs
+BITS = 8
 
 
 def numbered_video(n, h=48, w=64):
@@ -23,7 +25,8 @@ def numbered_video(n, h=48, w=64):
 def read_number(frame):
     h, w = frame.shape[:2]
     bh, bw = h // 2, w // 4
-    blocks = [frame[(b // 4) * bh + 4:(b // 4 + 1) * bh - 4, (b % 4) * bw + 4:(b % 4 + 1) * bw - 4].float().mean()
+    blocks = [frame[(b // 4) * bh + 4:(b // 4 + 1) * bh - 4,
+                    (b % 4) * bw + 4:(b % 4 + 1) * bw - 4].float().mean()
               for b in range(BITS)]
     return sum(1 << b for b, m in enumerate(blocks) if m > 128)
 
@@ -36,7 +39,8 @@ def has_encoder(name):
         return False
 
 
-CONTAINERS = [('mp4', 'libx264'), ('avi', 'mpeg4'), ('webm', 'libvpx-vp9'), ('mkv', 'libx264'), ('mkv', 'mpeg4')]
+CONTAINERS = [('mp4', 'libx264'), ('avi', 'mpeg4'), ('webm', 'libvpx-vp9'), ('mkv', 'libx264'),
+              ('mkv', 'mpeg4')]
 
 
 @pytest.mark.parametrize('ext,codec', CONTAINERS)

@@ -21,11 +21,14 @@ def make_set(synth, **kw):
 
 
 def test_train_items_shape_and_determinism(synth):
-    ds = make_set(synth, num_sample=2, crop='resized', flip=True, randaug=(9, 0.5), random_erasing=0.5)
+    ds = make_set(synth, num_sample=2, crop='resized', flip=True, randaug=(9, 0.5),
+                  random_erasing=0.5)
     a, b = ds[(3, 0)], ds[(3, 0)]
     assert a['video'].shape == (2, 3, 8, 32, 32) and a['video'].dtype == torch.uint8
-    assert torch.equal(a['video'], b['video']) and a['label'] == ds.samples[3][1] and a['failed'] == ''
-    assert not torch.equal(a['video'][0], a['video'][1])  # two independent augmentations of one decode
+    assert (torch.equal(a['video'], b['video']) and a['label'] == ds.samples[3][1]
+            and a['failed'] == '')
+    # two independent augmentations of one decode
+    assert not torch.equal(a['video'][0], a['video'][1])
     assert not torch.equal(a['video'], ds[(3, 1)]['video'])  # another epoch
     assert not torch.equal(a['video'], ds[(4, 0)]['video'])  # another index
 
@@ -45,7 +48,8 @@ def test_center_crop_is_the_central_square_of_every_clip():
         torch.manual_seed(seed)
         out = data.train_augment(clip, 48, crop='center')
         assert torch.equal(out, clip[..., :, 8:56])
-    with pytest.raises(ValueError, match="crop must be 'multiscale', 'resized' or 'center', got 'corner'"):
+    with pytest.raises(ValueError,
+                       match="crop must be 'multiscale', 'resized' or 'center', got 'corner'"):
         data.train_augment(clip, 48, crop='corner')
 
 
@@ -54,7 +58,8 @@ def test_multiscale_crop_follows_the_official_grid():
     seen = set()
     for _ in range(300):
         y, x, h, w = data.multiscale_crop_box(240, 320, 224)
-        assert h in (240, 210, 180, 158) and w in (240, 210, 180, 158)  # int(240 * [1, .875, .75, .66])
+        # int(240 * [1, .875, .75, .66])
+        assert h in (240, 210, 180, 158) and w in (240, 210, 180, 158)
         assert x % ((320 - w) // 4 or 1) == 0 and y % ((240 - h) // 4 or 1) == 0
         seen.add((h, w))
     assert (240, 158) not in seen and (240, 210) in seen and len(seen) == 10  # max_distort 1
@@ -62,9 +67,10 @@ def test_multiscale_crop_follows_the_official_grid():
 
 
 def test_temporal_sampling():
-    assert data.dense_indices(20, 8, 4, random=False) == [[0, 4, 8, 12, 16, 19, 19, 19]]  # short: repeat last
+    # short: repeat last
+    assert data.dense_indices(20, 8, 4, random=False) == [[0, 4, 8, 12, 16, 19, 19, 19]]
     assert data.dense_indices(100, 4, 4, random=False, clips=3) == [[0, 4, 8, 12], [42, 46, 50, 54],
-                                                                        [84, 88, 92, 96]]
+                                                                    [84, 88, 92, 96]]
     assert data.segment_indices(32, 4, random=False) == [[4, 12, 20, 28]]  # middle of each segment
     torch.manual_seed(0)
     for _ in range(20):
@@ -80,7 +86,8 @@ def test_test_views_resize_short_side_and_crop_along_long_side(synth):
     assert v.shape == (6, 3, 8, 32, 32)
     wide = torch.arange(64).view(1, 1, 1, 64).expand(2, 3, 32, 64).to(torch.uint8)
     views = data.test_views(wide, 16, 16, 3)
-    assert [int(x[0, 0, 0, 0]) // 2 for x in views] == [0, 8, 16]  # left / centre / right after halving
+    # left / centre / right after halving
+    assert [int(x[0, 0, 0, 0]) // 2 for x in views] == [0, 8, 16]
     assert make_set(synth, mode='val')[0]['video'].shape == (1, 3, 8, 32, 32)
 
 
@@ -91,8 +98,8 @@ def test_unreadable_videos_are_replaced_counted_and_reported(synth, tmp_path):
     raw = open(samples[0][0], 'rb').read()
     trunc = tmp_path / 'truncated.avi'
     trunc.write_bytes(raw[:len(raw) // 3])
-    ds = data.VideoDataset([(str(text), 0), (str(trunc), 1)] + samples[:6], mode='train', num_frames=8,
-                           sampling_rate=4, input_size=32)
+    ds = data.VideoDataset([(str(text), 0), (str(trunc), 1)] + samples[:6], mode='train',
+                           num_frames=8, sampling_rate=4, input_size=32)
     with pytest.warns(UserWarning, match='renamed.avi'):
         item = ds[(0, 0)]
     assert 'renamed.avi' in item['failed'] and item['video'].shape == (1, 3, 8, 32, 32)
@@ -125,8 +132,8 @@ def test_loader_resume_and_worker_independence(synth):
 
 
 def test_starting_an_epoch_leaves_the_global_rng_alone(synth):
-    # iter(loader) draws a worker base seed; from torch's global RNG it would shift the drop-path masks of
-    # every later step, so a run resumed mid-epoch would not match an uninterrupted one
+    # iter(loader) draws a worker base seed; from torch's global RNG it would shift the drop-path
+    # masks of every later step, so a run resumed mid-epoch would not match an uninterrupted one
     for workers in (0, 2):
         loader = data.make_loader(make_set(synth), 4, train=True, num_workers=workers, seed=1)
         torch.manual_seed(0)
@@ -140,4 +147,5 @@ def test_normalize():
     v = torch.full((2, 3, 4, 8, 8), 255, dtype=torch.uint8)
     out = data.normalize(v)
     assert out.dtype == torch.float32 and out.shape == v.shape
-    assert torch.allclose(out[0, :, 0, 0, 0], (1 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD))
+    assert torch.allclose(out[0, :, 0, 0, 0],
+                          (1 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD))

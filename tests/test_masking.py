@@ -1,4 +1,5 @@
-"""Masks: counts (official int() truncation), the tube property, randomness, reproducibility, errors."""
+"""Masks: counts (official int() truncation), the tube property, randomness, reproducibility,
+errors."""
 import pytest
 import torch
 
@@ -35,7 +36,8 @@ def test_rows_and_seeds_differ_generator_reproduces():
     assert not torch.equal(a, c)
     assert len({tuple(r.nonzero().flatten().tolist()) for r in a}) == 8     # rows independent
     # every spatial position gets masked by some row over many draws (no positional bias stuck at 0)
-    many = tube_masking(400, (1, 14, 14), 0.5, generator=torch.Generator().manual_seed(3)).float().mean(0)
+    many = tube_masking(400, (1, 14, 14), 0.5,
+                        generator=torch.Generator().manual_seed(3)).float().mean(0)
     assert 0.35 < many.min() and many.max() < 0.65
 
 

@@ -1,5 +1,5 @@
-"""The SDPA attention is plain softmax(QK^T/sqrt(d))V with q/v biases (k none), forward and backward;
-blocks, drop path, checkpointing and config errors behave as documented."""
+"""The SDPA attention is plain softmax(QK^T/sqrt(d))V with q/v biases (k none), forward and
+backward; blocks, drop path, checkpointing and config errors behave as documented."""
 import math
 
 import pytest
@@ -7,8 +7,8 @@ import torch
 
 from model import Attention, DropPath, build_classifier, build_pretrain
 
-TINY = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
-            patch_size=8, img_size=32, num_frames=4)
+TINY = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+            decoder_num_heads=2, patch_size=8, img_size=32, num_frames=4)
 
 
 def plain_attention(attn, x):
@@ -29,7 +29,8 @@ def test_sdpa_attention_matches_plain_softmax_forward_and_backward(dim, heads):
     torch.manual_seed(0)
     attn = Attention(dim, heads).double()
     with torch.no_grad():
-        attn.q_bias.normal_(); attn.v_bias.normal_()
+        attn.q_bias.normal_()
+        attn.v_bias.normal_()
     x = torch.randn(3, 7, dim, dtype=torch.double, requires_grad=True)
     params = [x] + list(attn.parameters())
     out = attn(x)
@@ -40,7 +41,7 @@ def test_sdpa_attention_matches_plain_softmax_forward_and_backward(dim, heads):
     grads_ref = torch.autograd.grad(ref, params, g)
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
-    assert grads[1].abs().sum() > 0 and grads[2].abs().sum() > 0          # q_bias, v_bias get gradients
+    assert grads[1].abs().sum() > 0 and grads[2].abs().sum() > 0  # q_bias, v_bias get gradients
 
 
 def test_drop_path_is_per_sample_and_identity_in_eval():
@@ -48,7 +49,8 @@ def test_drop_path_is_per_sample_and_identity_in_eval():
     torch.manual_seed(0)
     y = dp(torch.ones(2000, 3, 4))
     per_sample = y.flatten(1)
-    assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()        # dropped or scaled by 1/(1-p)
+    # dropped or scaled by 1/(1-p)
+    assert ((per_sample == 0).all(1) | (per_sample == 2).all(1)).all()
     assert abs((per_sample[:, 0] == 0).float().mean() - 0.5) < 0.05
     assert torch.equal(dp.eval()(torch.ones(4, 3)), torch.ones(4, 3))
 
@@ -67,7 +69,8 @@ def test_gradient_checkpointing_gives_same_outputs_and_grads():
     video = torch.randn(2, 3, 4, 32, 32)
     mask = torch.zeros(2, 2 * 4 * 4, dtype=torch.bool)
     mask[:, ::3] = True
-    ga, gb = [torch.autograd.grad(m(video, mask).square().sum(), list(m.parameters())) for m in (a, b)]
+    ga, gb = [torch.autograd.grad(m(video, mask).square().sum(), list(m.parameters()))
+              for m in (a, b)]
     for x, y in zip(ga, gb):
         torch.testing.assert_close(x, y)
 

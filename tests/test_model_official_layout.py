@@ -1,5 +1,6 @@
-"""State-dict keys, order and shapes equal the official release's lists (spec/official-checkpoint-keys.txt,
-blocks elided there are extrapolated), and the parameter counts of all four sizes match exactly."""
+"""State-dict keys, order and shapes equal the official release's lists
+(spec/official-checkpoint-keys.txt, blocks elided there are extrapolated), and the parameter counts
+of all four sizes match exactly."""
 import re
 from pathlib import Path
 
@@ -8,7 +9,8 @@ import torch
 
 from model import SIZES, build_classifier, build_pretrain
 
-KEYS = Path(__file__).resolve().parent / 'data' / 'official-checkpoint-keys.txt'  # the release's key list, a copy of the spec's
+# the release's key list, a copy of the spec's
+KEYS = Path(__file__).resolve().parent / 'data' / 'official-checkpoint-keys.txt'
 
 
 def parse_sections():
@@ -33,10 +35,12 @@ def expand(entries):
         if m:
             prefix, i = m[1], int(m[2])
             prev = last.get(prefix, i)
-            if i > prev + 1:                             # first key of the last shown block: insert the gap
+            # first key of the last shown block: insert the gap
+            if i > prev + 1:
                 template = [(k, s) for k, s in out if k.startswith(f'{prefix}{prev}.')]
                 for j in range(prev + 1, i):
-                    out += [(k.replace(f'{prefix}{prev}.', f'{prefix}{j}.', 1), s) for k, s in template]
+                    out += [(k.replace(f'{prefix}{prev}.', f'{prefix}{j}.', 1), s)
+                            for k, s in template]
             last[prefix] = max(prev, i)
         out.append((key, shape))
     return out
@@ -58,7 +62,7 @@ def test_base_pretrain_and_classifier_state_dicts_equal_the_official_lists():
 
 @pytest.mark.parametrize('size', list(SIZES))
 def test_parameter_counts_match_the_release(size):
-    line = next(l for l in KEYS.read_text().splitlines() if l.startswith(f'{size}: classifier'))
+    line = next(ln for ln in KEYS.read_text().splitlines() if ln.startswith(f'{size}: classifier'))
     cls_count, pre_count = (int(x.replace(',', '')) for x in re.findall(r'\d[\d,]{6,}', line))
     with torch.device('meta'):
         p, c = build_pretrain(size), build_classifier(size, 400)

@@ -6,15 +6,17 @@ import torch
 import torch.nn.functional as F
 
 from masking import random_masking, tube_masking
-from model import build_classifier, build_pretrain, cube_targets, pretrain_loss, reconstruct, sincos_table
+from model import (build_classifier, build_pretrain, cube_targets, pretrain_loss, reconstruct,
+                   sincos_table)
 
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-TINY = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1, decoder_num_heads=2,
-            patch_size=8, img_size=32, num_frames=4)
+TINY = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
+            decoder_num_heads=2, patch_size=8, img_size=32, num_frames=4)
 
 
 def loop_targets(video, p, t, normalize):
-    """Straightforward numpy: every cube in (t, h, w) order, per-channel stats, (time, row, col, chan)."""
+    """Straightforward numpy: every cube in (t, h, w) order, per-channel stats,
+    (time, row, col, chan)."""
     v = video.double().numpy() * STD[:, None, None, None] + MEAN[:, None, None, None]
     B, _, T, H, W = v.shape
     out = []
@@ -23,9 +25,11 @@ def loop_targets(video, p, t, normalize):
         for ti in range(T // t):
             for hi in range(H // p):
                 for wi in range(W // p):
-                    cube = v[b, :, ti * t:(ti + 1) * t, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p]  # (3, t, p, p)
-                    chans = [(c - c.mean()) / (c.std(ddof=1) + 1e-6) if normalize else c for c in cube]
-                    rows.append(np.stack(chans, axis=-1).reshape(-1))                           # channel fastest
+                    # (3, t, p, p)
+                    cube = v[b, :, ti * t:(ti + 1) * t, hi * p:(hi + 1) * p, wi * p:(wi + 1) * p]
+                    chans = [(c - c.mean()) / (c.std(ddof=1) + 1e-6) if normalize else c
+                             for c in cube]
+                    rows.append(np.stack(chans, axis=-1).reshape(-1))  # channel fastest
         out.append(rows)
     return torch.tensor(np.array(out))
 
@@ -42,12 +46,13 @@ def test_cube_targets_match_a_loop(normalize):
     video = torch.randn(2, 3, 4, 16, 24)
     got = cube_targets(video, patch_size=8, tubelet_size=2, normalize=normalize)
     assert got.shape == (2, 2 * 2 * 3, 3 * 2 * 8 * 8) and got.dtype == torch.float32
-    torch.testing.assert_close(got.double(), loop_targets(video, 8, 2, normalize), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double(), loop_targets(video, 8, 2, normalize),
+                               rtol=1e-5, atol=1e-5)
 
 
 def test_sine_table_is_the_official_interleaved_formula():
     torch.testing.assert_close(sincos_table(1568, 384, 'cpu'), sine_reference(1568, 384))
-    assert sincos_table(10, 8, 'cpu') is sincos_table(10, 8, 'cpu')              # cached
+    assert sincos_table(10, 8, 'cpu') is sincos_table(10, 8, 'cpu')  # cached
 
 
 def test_loss_is_mse_over_masked_cubes_only():
@@ -59,7 +64,8 @@ def test_loss_is_mse_over_masked_cubes_only():
     ref = F.mse_loss(pred, cube_targets(video, 8, 2)[mask].reshape(2, 4, 384))
     torch.testing.assert_close(loss, ref)
     # pixels of visible cubes do not enter the loss
-    other = video.clone().view(2, 3, 2, 2, 2, 8, 2, 8).permute(0, 2, 4, 6, 1, 3, 5, 7)  # cube view (B,T',H',W',...)
+    # cube view (B,T',H',W',...)
+    other = video.clone().view(2, 3, 2, 2, 2, 8, 2, 8).permute(0, 2, 4, 6, 1, 3, 5, 7)
     other[~mask.view(2, 2, 2, 2)] = torch.randn(8, 3, 2, 8, 8)
     video2 = other.permute(0, 4, 1, 5, 2, 6, 3, 7).reshape(video.shape)
     assert not torch.equal(video2, video)
@@ -71,11 +77,13 @@ def test_loss_is_mse_over_masked_cubes_only():
 def test_reconstruct_keeps_visible_cubes_and_inverts_perfect_predictions():
     torch.manual_seed(0)
     video = torch.randn(2, 3, 4, 16, 16)
-    video01 = video * torch.tensor(STD).float().view(3, 1, 1, 1) + torch.tensor(MEAN).float().view(3, 1, 1, 1)
+    video01 = (video * torch.tensor(STD).float().view(3, 1, 1, 1)
+               + torch.tensor(MEAN).float().view(3, 1, 1, 1))
     mask = tube_masking(2, (2, 2, 2), 0.5)
     for normalize in (True, False):
         perfect = cube_targets(video, 8, 2, normalize)[mask].reshape(2, -1, 384)
-        torch.testing.assert_close(reconstruct(video, mask, perfect, 8, 2, normalize), video01.clamp(0, 1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(reconstruct(video, mask, perfect, 8, 2, normalize),
+                                   video01.clamp(0, 1), atol=1e-5, rtol=0)
     rec = reconstruct(video, mask, torch.zeros(2, 4, 384), 8, 2)
     vis = ~mask.view(2, 1, 2, 1, 2, 1, 2, 1).expand(2, 3, 2, 2, 2, 8, 2, 8).reshape(video.shape)
     torch.testing.assert_close(rec[vis], video01.clamp(0, 1)[vis])
@@ -86,33 +94,36 @@ def test_visible_only_embedding_equals_conv3d_then_gather():
     """Encoder with no blocks = LayerNorm(conv(video)[visible] + sine[visible])."""
     torch.manual_seed(0)
     m = build_pretrain('small', **{**TINY, 'depth': 0}).eval()
-    video = torch.randn(3, 3, 4, 32, 24)                                          # grid (2, 4, 3)
+    video = torch.randn(3, 3, 4, 32, 24)  # grid (2, 4, 3)
     mask = tube_masking(3, m.grid(video.shape), 0.75)
     w, b = m.encoder.patch_embed.proj.weight, m.encoder.patch_embed.proj.bias
-    full = F.conv3d(video, w, b, stride=(2, 8, 8)).flatten(2).transpose(1, 2) + sine_reference(24, 32)
+    full = (F.conv3d(video, w, b, stride=(2, 8, 8)).flatten(2).transpose(1, 2)
+            + sine_reference(24, 32))
     ref = m.encoder.norm(full[~mask].reshape(3, -1, 32))
-    visible = (~mask).nonzero()[:, 1].view(3, -1)                     # indices, ascending
+    visible = (~mask).nonzero()[:, 1].view(3, -1)  # indices, ascending
     out = m.encoder.forward_features(video, visible)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
 
 
 def test_pretrain_forward_matches_official_data_flow():
-    """Embed all, add positions, keep visible, blocks, norm, project; decoder input = visible (+pos) then
-    mask tokens (+pos), each in index order; prediction = head(norm(last N_masked))."""
+    """Embed all, add positions, keep visible, blocks, norm, project; decoder input = visible (+pos)
+    then mask tokens (+pos), each in index order; prediction = head(norm(last N_masked))."""
     torch.manual_seed(0)
     m = build_pretrain('small', **TINY).eval()
     with torch.no_grad():
         m.mask_token.normal_()
     video = torch.randn(2, 3, 4, 32, 32)
-    mask = tube_masking(2, m.grid(video.shape), 0.75)                             # grid (2, 4, 4), 24 masked
+    mask = tube_masking(2, m.grid(video.shape), 0.75)  # grid (2, 4, 4), 24 masked
     with torch.no_grad():
-        x = m.encoder.patch_embed.proj(video).flatten(2).transpose(1, 2) + sine_reference(32, 32)
+        x = (m.encoder.patch_embed.proj(video).flatten(2).transpose(1, 2)
+             + sine_reference(32, 32))
         x = x[~mask].reshape(2, -1, 32)
         for blk in m.encoder.blocks:
             x = blk(x)
         x = m.encoder_to_decoder(m.encoder.norm(x))
         pos = sine_reference(32, 16).expand(2, -1, -1)
-        x = torch.cat([x + pos[~mask].reshape(2, -1, 16), m.mask_token + pos[mask].reshape(2, -1, 16)], 1)
+        x = torch.cat([x + pos[~mask].reshape(2, -1, 16),
+                       m.mask_token + pos[mask].reshape(2, -1, 16)], 1)
         for blk in m.decoder.blocks:
             x = blk(x)
         ref = m.decoder.head(m.decoder.norm(x[:, -24:]))
@@ -154,10 +165,12 @@ def test_mask_errors_and_mixed_precision():
 def test_classifier_pools_tokens_and_any_grid_works():
     torch.manual_seed(0)
     c = build_classifier('small', 7, **TINY, fc_drop_rate=0.5).eval()
-    video = torch.randn(2, 3, 6, 40, 24)                                          # 3 x 5 x 3 tokens
+    video = torch.randn(2, 3, 6, 40, 24)  # 3 x 5 x 3 tokens
     feats = c.forward_features(video)
-    assert feats.shape == (2, 45, 32) and c.grid(video.shape) == (3, 5, 3) and c.grid((6, 40, 24)) == (3, 5, 3)
+    assert (feats.shape == (2, 45, 32) and c.grid(video.shape) == (3, 5, 3)
+            and c.grid((6, 40, 24)) == (3, 5, 3))
     torch.testing.assert_close(c(video), c.head(c.fc_norm(feats.mean(1))))
     # official fine-tuning init: head ~ N(0, .02) * 0.001, bias 0
     c = build_classifier('base', 400)
-    assert c.head.weight.std().item() == pytest.approx(2e-5, rel=0.05) and c.head.bias.abs().max() == 0
+    assert (c.head.weight.std().item() == pytest.approx(2e-5, rel=0.05)
+            and c.head.bias.abs().max() == 0)

@@ -1,7 +1,8 @@
-"""pretrain.py end to end on real (tiny) videos, in subprocesses as users run it: the loss falls, the
-checkpoints and pictures are kept as --save_ckpt_freq says, the encoder loads into the classifier that
-finetune.py / linprobe.py build, --visualize draws any checkpoint, a diverging run stops cleanly, and
---compile trains like eager. (Pre-emption, SIGKILL and torchrun: tests/test_run_mechanism.py.)"""
+"""pretrain.py end to end on real (tiny) videos, in subprocesses as users run it: the loss falls,
+the checkpoints and pictures are kept as --save_ckpt_freq says, the encoder loads into the
+classifier that finetune.py / linprobe.py build, --visualize draws any checkpoint, a diverging run
+stops cleanly, and --compile trains like eager. (Pre-emption, SIGKILL and torchrun:
+tests/test_run_mechanism.py.)"""
 import json
 import os
 import shutil
@@ -32,8 +33,10 @@ def test_tiny_run_lowers_loss_and_keeps_checkpoints(reference):
     assert all(k in steps[0] for k in ('loss', 'grad_norm', 'clips_per_s', 'data_wait_s'))
     first, last = np.mean([r['loss'] for r in steps[:4]]), np.mean([r['loss'] for r in steps[-4:]])
     assert last < first - 0.03, (first, last)
-    # every epoch was checkpointed, only every --save_ckpt_freq 2 (and the last) kept, pictures with them
-    assert sorted(f for f in os.listdir(reference) if f.endswith('.pth')) == ['checkpoint-00002.pth', 'checkpoint-00004.pth']
+    # every epoch was checkpointed, only every --save_ckpt_freq 2 (and the last) kept, pictures
+    # with them
+    assert (sorted(f for f in os.listdir(reference) if f.endswith('.pth'))
+            == ['checkpoint-00002.pth', 'checkpoint-00004.pth'])
     assert os.path.isfile(reference / 'reconstructions' / 'checkpoint-00004' / 'video-1.png')
     state = torch.load(reference / 'checkpoint-00004.pth', map_location='cpu', weights_only=True)
     assert (state['stage'], state['epoch'], state['step_in_epoch']) == ('pretrain', 4, 0)
@@ -43,12 +46,15 @@ def test_tiny_run_lowers_loss_and_keeps_checkpoints(reference):
 
 @pytest.mark.slow
 def test_encoder_loads_into_the_classifier(reference):
-    cfg = torch.load(reference / 'checkpoint-00004.pth', map_location='cpu', weights_only=True)['config']
+    cfg = torch.load(reference / 'checkpoint-00004.pth', map_location='cpu',
+                     weights_only=True)['config']
     clf = videomae.build_classifier(cfg['model'], 2, **utils.shape(cfg))
     report = videomae.load_checkpoint(clf, reference / 'checkpoint-00004.pth')
-    assert sorted(report['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias', 'head.weight']
+    assert sorted(report['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias',
+                                         'head.weight']
     enc = weights(reference / 'checkpoint-00004.pth')
-    assert torch.equal(clf.state_dict()['blocks.1.mlp.fc2.weight'], enc['encoder.blocks.1.mlp.fc2.weight'])
+    assert torch.equal(clf.state_dict()['blocks.1.mlp.fc2.weight'],
+                       enc['encoder.blocks.1.mlp.fc2.weight'])
 
 
 @pytest.mark.slow
@@ -70,8 +76,8 @@ def test_visualize_writes_legible_pngs(reference, tmp_path):
 @pytest.mark.slow
 def test_non_finite_loss_stops_with_a_clear_message(list_videos, tmp_path):
     # an absurd lr blows the weights up within a few steps: the run stops before saving anything bad
-    p = run('pretrain.py', *PRETRAIN, '--data_path', list_videos, '--output_dir', tmp_path, '--lr', '1e35',
-            '--warmup_epochs', '0', check=False)
+    p = run('pretrain.py', *PRETRAIN, '--data_path', list_videos, '--output_dir', tmp_path,
+            '--lr', '1e35', '--warmup_epochs', '0', check=False)
     assert p.returncode == 1
     assert 'error: the loss is' in p.stderr and 'stopping' in p.stderr
     assert not [f for f in os.listdir(tmp_path) if f.endswith('.pth')]
@@ -81,8 +87,9 @@ def test_non_finite_loss_stops_with_a_clear_message(list_videos, tmp_path):
 @pytest.mark.skipif(not (shutil.which('cc') or shutil.which('gcc') or shutil.which('g++')),
                     reason='torch.compile on CPU needs a C++ compiler')
 def test_compile_trains_like_eager_and_saves_plain_weights(list_videos, reference, tmp_path):
-    # --compile must not change the maths (same first-epoch losses as the eager reference, to float tolerance)
-    # nor the checkpoint: keys without torch.compile's '_orig_mod.' prefix, loadable by the eager model.
+    # --compile must not change the maths (same first-epoch losses as the eager reference, to float
+    # tolerance) nor the checkpoint: keys without torch.compile's '_orig_mod.' prefix, loadable by
+    # the eager model.
     run('pretrain.py', *PRETRAIN, '--data_path', list_videos, '--output_dir', tmp_path, '--compile',
         '--save_ckpt_freq', '4')
     steps = lambda d: [r['loss'] for r in records(d, 'step')][:4]  # noqa: E731

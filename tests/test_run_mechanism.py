@@ -1,7 +1,7 @@
-"""utils.py's run mechanism, through the four stages' real command lines: a pre-emption that lands in
-the last step of an epoch saves a checkpoint that resumes to the uninterrupted run's weights, bit for
-bit; SIGKILL after a checkpoint resumes the same way; torchrun ranks hold identical weights; an output
-folder in use is locked; a failing checkpoint write says so and leaves no partial file."""
+"""utils.py's run mechanism, through the four stages' real command lines: a pre-emption that lands
+in the last step of an epoch saves a checkpoint that resumes to the uninterrupted run's weights, bit
+for bit; SIGKILL after a checkpoint resumes the same way; torchrun ranks hold identical weights; an
+output folder in use is locked; a failing checkpoint write says so and leaves no partial file."""
 import os
 import resource
 import signal
@@ -21,14 +21,16 @@ def stage_args(stage, list_videos, videos, pretrained, ava):
     """Tiny runs of one optimiser step per epoch: every step is the last of its epoch."""
     one_step = ['--epochs', EPOCHS, '--warmup_epochs', 1, '--save_ckpt_freq', 100]
     return {
-        'pretrain': [*PRETRAIN, '--data_path', list_videos, '--total_batch', 16, '--batch_size', 4, *one_step],
+        'pretrain': [*PRETRAIN, '--data_path', list_videos, '--total_batch', 16, '--batch_size', 4,
+                     *one_step],
         'finetune': ['--dataset', 'ucf101', '--data_path', videos, '--finetune', pretrained, *CLIP,
                      '--total_batch', 16, '--batch_size', 4, '--val_freq', 0, *one_step],
         'linprobe': ['--dataset', 'ucf101', '--data_path', videos, '--finetune', pretrained, *CLIP,
                      '--total_batch', 16, '--batch_size', 8, '--val_freq', 0, *one_step],
-        'detect': ['--data_path', ava, '--embed_dim', 32, '--depth', 2, '--num_heads', 2, '--patch_size', 16,
-                   '--input_size', 32, '--short_side', 32, '--num_frames', 4, '--total_batch', 6,
-                   '--batch_size', 3, '--lr', 1e-2, '--device', 'cpu', '--num_workers', 0, *one_step],
+        'detect': ['--data_path', ava, '--embed_dim', 32, '--depth', 2, '--num_heads', 2,
+                   '--patch_size', 16, '--input_size', 32, '--short_side', 32, '--num_frames', 4,
+                   '--total_batch', 6, '--batch_size', 3, '--lr', 1e-2, '--device', 'cpu',
+                   '--num_workers', 0, *one_step],
     }[stage]
 
 
@@ -40,8 +42,9 @@ def ava(tmp_path_factory):
 
 
 def start(script, args, **kw):
-    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)], cwd=ROOT, env=ENV,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+    return subprocess.Popen([sys.executable, os.path.join(ROOT, script), *map(str, args)],
+                            cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, **kw)
 
 
 def wait_for(predicate, seconds=120):
@@ -56,8 +59,8 @@ def checkpoints(folder):
 
 @pytest.mark.slow
 @pytest.mark.parametrize('stage', ['pretrain', 'finetune', 'linprobe', 'detect'])
-def test_sigterm_in_the_last_step_of_an_epoch_resumes_to_the_same_weights(stage, list_videos, videos,
-                                                                         pretrained, ava, tmp_path):
+def test_sigterm_in_the_last_step_of_an_epoch_resumes_to_the_same_weights(
+        stage, list_videos, videos, pretrained, ava, tmp_path):
     args = stage_args(stage, list_videos, videos, pretrained, ava)
     whole, cut = tmp_path / 'whole', tmp_path / 'cut'
     run(f'{stage}.py', *args, '--output_dir', whole)
@@ -84,7 +87,8 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_same_weights(list_videos, tmp
     run('pretrain.py', *args, '--output_dir', tmp_path / 'whole')
     proc = start('pretrain.py', [*args, '--output_dir', tmp_path / 'cut'])
     wait_for(lambda: (tmp_path / 'cut').exists() and checkpoints(tmp_path / 'cut'))
-    proc.kill()                                              # no handler runs, nothing is cleaned up
+    # no handler runs, nothing is cleaned up
+    proc.kill()
     proc.communicate()
     assert proc.returncode == -signal.SIGKILL
     p = run('pretrain.py', *args, '--output_dir', tmp_path / 'cut')
@@ -95,8 +99,9 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_same_weights(list_videos, tmp
 
 @pytest.mark.slow
 def test_torchrun_ranks_hold_identical_weights_and_split_the_batch(list_videos, tmp_path):
-    run('pretrain.py', *PRETRAIN, '--data_path', list_videos, '--epochs', 2, '--output_dir', tmp_path,
-        '--batch_size', 1, torchrun=2)                   # 1 clip x 2 ranks x 2 accumulation = 4
+    # --batch_size 1: 1 clip x 2 ranks x 2 accumulation = 4
+    run('pretrain.py', *PRETRAIN, '--data_path', list_videos, '--epochs', 2,
+        '--output_dir', tmp_path, '--batch_size', 1, torchrun=2)
     state = utils.load_state(str(tmp_path / 'checkpoint-00002.pth'))
     sums = state['rank_weight_sums']
     assert len(sums) == 2 and sums[0] == sums[1]
@@ -121,29 +126,34 @@ def test_a_second_run_into_a_folder_in_use_refuses(list_videos, tmp_path):
 
 @pytest.mark.slow
 def test_a_failing_checkpoint_write_says_where_and_leaves_no_partial_file(list_videos, tmp_path):
-    def small_files():                                       # in the child: files of at most 100 kB
-        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)        # a write past it fails instead of killing
+    def small_files():                                 # in the child: files of at most 100 kB
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past it fails instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
     args = [*PRETRAIN, '--data_path', list_videos, '--output_dir', tmp_path, '--embed_dim', 64]
     proc = start('pretrain.py', args, preexec_fn=small_files)
     out, err = proc.communicate(timeout=120)
     assert proc.returncode == 1
-    assert f'error: writing {tmp_path}/checkpoint-00001.pth failed' in err and 'Traceback' not in err
+    assert (f'error: writing {tmp_path}/checkpoint-00001.pth failed' in err
+            and 'Traceback' not in err)
     assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
     assert checkpoints(tmp_path) == []
 
 
 def test_the_per_process_batch_follows_the_total_batch_and_the_process_count():
     assert utils.fit_batch(8, 8, 1, explicit=False) == (8, 1)
-    assert utils.fit_batch(8, 8, 2, explicit=False) == (4, 1)        # the synthetic row on 2 processes
-    assert utils.fit_batch(192, 24, 16, explicit=False) == (12, 1)   # UCF101 on 16 GPUs
-    assert utils.fit_batch(1024, 32, 8, explicit=False) == (32, 4)   # Table 9 on 8 GPUs: accumulation
+    # the synthetic row on 2 processes
+    assert utils.fit_batch(8, 8, 2, explicit=False) == (4, 1)
+    # UCF101 on 16 GPUs
+    assert utils.fit_batch(192, 24, 16, explicit=False) == (12, 1)
+    # Table 9 on 8 GPUs: accumulation
+    assert utils.fit_batch(1024, 32, 8, explicit=False) == (32, 4)
     assert utils.fit_batch(1024, 32, 4, explicit=False) == (32, 8)
 
 
 @pytest.mark.parametrize('total, batch, world, message', [
     (1024, 24, 8, '--total_batch 1024 is not a multiple of --batch_size 24 x 8 process(es) = 192'),
-    (192, 24, 7, '--total_batch 192 cannot be split over 7 processes; use --total_batch 189 or 196'),
+    (192, 24, 7,
+     '--total_batch 192 cannot be split over 7 processes; use --total_batch 189 or 196'),
 ])
 def test_a_batch_that_cannot_work_names_both_numbers(total, batch, world, message, capsys):
     with pytest.raises(SystemExit) as e:
