@@ -94,10 +94,6 @@ def build_parser():
     g.add_argument('--init_scale', type=float, help=r('init_scale', 'head init scale'))
     utils.add_common_flags(p, RECIPES)
     g = p.add_argument_group('fine-tuning recipe (Table 10, § B)')
-    g.add_argument('--opt_betas', '--betas', type=float, nargs=2,
-                   help=r('opt_betas', 'AdamW betas'))
-    g.add_argument('--layer_decay', type=float,
-                   help=r('layer_decay', 'layer-wise lr decay; 1 = off'))
     g.add_argument('--smoothing', type=float, help=r('smoothing', 'label smoothing'))
     g.add_argument('--mixup', type=float, help=r('mixup', 'mixup alpha (0 = off)'))
     g.add_argument('--cutmix', type=float, help=r('cutmix', 'cutmix alpha (0 = off)'))
@@ -184,8 +180,8 @@ def mix_batch(video, labels, num_classes, smoothing, mixer):
 def train(cfg, d, model, optimizer, train_set, val_set, classes):
     loader = data.make_loader(train_set, cfg['batch_size'], train=True,
                               num_workers=cfg['num_workers'], seed=cfg['seed'])
-    run = utils.start(cfg, 'finetune', d, model, optimizer, loader, classes, data.FailureLog(),
-                      clips_per_video=cfg['num_sample'])
+    run = utils.start(cfg, 'finetune', d, model, optimizer, loader, classes,
+                      data.FailureLog(cfg['max_failed_ratio']), clips_per_video=cfg['num_sample'])
     mixer = make_mixer(cfg)
 
     def loss_of(batch, micro):
@@ -216,7 +212,7 @@ def evaluate(cfg, d, model, dataset, classes, autocast, title='val (1 view)', pr
                               num_workers=cfg['num_workers'])
     model.eval()
     return utils.evaluate(lambda clips: model(data.normalize(clips)), loader, d, autocast,
-                          data.FailureLog(), classes, title, prefix,
+                          data.FailureLog(cfg['max_failed_ratio']), classes, title, prefix,
                           2 * cfg['batch_size'] * cfg.get('num_sample', 1))
 
 
@@ -227,7 +223,9 @@ def test(cfg, d, model, classes, autocast, dataset_fn):
     m = evaluate(cfg, d, model, dataset_fn(cfg, samples, 'test'), classes, autocast, title,
                  os.path.join(cfg['output_dir'], 'test'))
     if d.is_main:
-        utils.Log(cfg['output_dir']).write('test', None, **{f'test_{k}': v for k, v in m.items()})
+        step = cfg['epochs'] * cfg.get('steps_per_epoch', 0)      # the curves' last step
+        utils.Log(cfg['output_dir'], log_dir=cfg['log_dir'], step=step).write(
+            'test', step, **{f'test_{k}': v for k, v in m.items()})
     utils.cleanup_distributed()
 
 
@@ -265,11 +263,7 @@ def main(argv=None):
     if resume and only_test:
         model.load_state_dict(utils.load_state(resume)['model'])
     elif cfg['finetune'] and not resume:
-        report = vmae.load_checkpoint(model, cfg['finetune'])
-        if d.is_main:
-            print(f"loaded {cfg['finetune']} ({report['source']}): "
-                  f"missing {report['missing'][:6]}, unused {report['unexpected'][:6]}"
-                  + ''.join(f'\n  {n}' for n in report['notes']))
+        utils.load_weights(vmae.load_checkpoint, model, cfg['finetune'], '--finetune', d.is_main)
     elif only_test and not resume:
         raise SystemExit('error: --eval and --predict need weights: --resume CHECKPOINT '
                          f"(or a checkpoint in {cfg['output_dir']}) or --finetune FINE_TUNED.pth")

@@ -60,7 +60,6 @@ def build_parser():
                    help="baseline: --finetune's shape, not its weights")
     utils.add_common_flags(p, RECIPES)
     g = p.add_argument_group('probe (Table 11)')
-    g.add_argument('--momentum', type=float, help=r('momentum', 'SGD momentum'))
     g.add_argument('--sampling', choices=['dense', 'segment'], help=r('sampling', 'frame sampling'))
     g.add_argument('--short_side', type=int, help=r('short_side', 'test: short side resized to'))
     g.add_argument('--test_clips', type=int, help=r('test_clips', 'test clips per video'))
@@ -109,10 +108,7 @@ class LinearProbe(nn.Module):
 def build_probe(cfg, num_classes):
     encoder = vmae.build_classifier(cfg['model'], 0, **utils.shape(cfg))
     if cfg['finetune'] and not cfg['random_init']:
-        report = vmae.load_checkpoint(encoder, cfg['finetune'])
-        print(f"encoder from {cfg['finetune']} ({report['source']}): "
-              f"{len(report['missing'])} missing {report['missing'][:4]}, "
-              f"{len(report['unexpected'])} unused {report['unexpected'][:4]}")
+        utils.load_weights(vmae.load_checkpoint, encoder, cfg['finetune'], '--finetune')
     return LinearProbe(encoder, num_classes)
 
 
@@ -147,7 +143,8 @@ def main(argv=None):
         val_samples, _ = data.load_split(cfg['dataset'], cfg['data_path'], 'val', cfg['fold'])
         loader = data.make_loader(make_dataset(cfg, train_samples, 'train'), cfg['batch_size'],
                                   train=True, num_workers=cfg['num_workers'], seed=cfg['seed'])
-        run = utils.start(cfg, 'linprobe', d, probe, sgd, loader, classes, data.FailureLog())
+        run = utils.start(cfg, 'linprobe', d, probe, sgd, loader, classes,
+                          data.FailureLog(cfg['max_failed_ratio']))
         autocast, lock, val_set = run.autocast, run.lock, make_dataset(cfg, val_samples, 'val')
 
         def loss_of(batch, micro):

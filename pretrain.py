@@ -89,7 +89,6 @@ def build_parser():
     g.add_argument('--normalize_target', action=argparse.BooleanOptionalAction,
                    help=r('normalize_target', 'per-cube-normalised pixels; --no-: plain pixels'))
     utils.add_common_flags(p, RECIPES)
-    p.add_argument('--opt_betas', type=float, nargs=2, help=r('opt_betas', 'AdamW betas'))
     p.add_argument('--visualize', metavar='CHECKPOINT',
                    help='only write the reconstruction pictures '
                         'of CHECKPOINT (its own configuration), then exit')
@@ -135,7 +134,8 @@ def train(cfg, d):
     # no decay: biases, norms, mask token
     groups = utils.param_groups(model, cfg['weight_decay'])
     optimizer = utils.make_adamw(groups, cfg['lr'], cfg['opt_betas'], d.device)
-    run = utils.start(cfg, 'pretrain', d, model, optimizer, loader, classes, data.FailureLog())
+    run = utils.start(cfg, 'pretrain', d, model, optimizer, loader, classes,
+                      data.FailureLog(cfg['max_failed_ratio']))
     p, t, make_mask = model.patch_size, model.tubelet_size, MASKS[cfg['mask_type']]
 
     def loss_of(batch, micro):                          # the VideoMAE step
@@ -211,7 +211,7 @@ def main(argv=None):
     d = utils.init_distributed(cfg['device'])
     if cfg['visualize']:                      # next to the checkpoint: reconstructions/<its name>/
         model = build_model(cfg).to(d.device)
-        videomae.load_checkpoint(model, cfg['visualize'])
+        utils.load_weights(videomae.load_checkpoint, model, cfg['visualize'], '--visualize')
         name = os.path.splitext(os.path.basename(cfg['visualize']))[0]
         out = os.path.join(os.path.dirname(os.path.abspath(cfg['visualize'])), 'reconstructions',
                            name)

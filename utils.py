@@ -66,10 +66,20 @@ def recipe_help(table, key):
 
 
 def add_common_flags(p, recipes):
-    """The flags every stage has, with the same names (the official scripts' where they exist)."""
+    """The flags every stage has, with the same names (the official scripts' where they exist);
+    the optimiser's own (--opt_betas, --layer_decay, --momentum) where the recipes set them."""
     def r(key, text):
         return f'{text} ({recipe_help(recipes, key) or "no recipe default"})'
     g = p.add_argument_group('optimisation (recipe defaults)')
+    has = {k for row in recipes.values() for k in row}
+    if 'opt_betas' in has:
+        g.add_argument('--opt_betas', '--betas', type=float, nargs=2,
+                       help=r('opt_betas', 'AdamW betas'))
+    if 'layer_decay' in has:
+        g.add_argument('--layer_decay', type=float,
+                       help=r('layer_decay', 'layer-wise lr decay; 1 = off'))
+    if 'momentum' in has:
+        g.add_argument('--momentum', type=float, help=r('momentum', 'SGD momentum'))
     g.add_argument('--epochs', type=int, help=r('epochs', 'epochs; the cosine spans all of them'))
     g.add_argument('--warmup_epochs', type=int, help=r('warmup_epochs', 'linear warm-up from 0'))
     g.add_argument('--lr', type=float, help=r('lr', 'BASE lr: the peak is lr x total_batch / 256'))
@@ -91,6 +101,9 @@ def add_common_flags(p, recipes):
                    'checkpoint; the latest is always kept'))
     g.add_argument('--num_workers', type=int,
                    help=r('num_workers', 'decoding processes per process'))
+    g.add_argument('--max_failed_ratio', type=float, default=0.05, help='stop when more than this '
+                   "share of an epoch's videos cannot be decoded (default 0.05; below it they are "
+                   'replaced, counted and reported)')
     g.add_argument('--seed', type=int, default=0, help='init, sampling, augmentation (default 0)')
     g.add_argument('--device', default='auto', help='auto (a GPU if there is one), cpu or cuda')
     g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
@@ -816,12 +829,31 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
     return metrics
 
 
+def load_weights(load, model, path, flag, is_main=True):
+    """load(model, path) (model.load_checkpoint) with its report printed; a file that does not fit
+    the model ends in one line naming the flag."""
+    try:
+        report = load(model, path)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f'error: {flag} {path}: {e}') from None
+    if is_main:
+        print(f"loaded {path} ({report['source']}): missing {report['missing'][:6]}, unused "
+              f"{report['unexpected'][:6]}" + ''.join(f'\n  {n}' for n in report['notes']))
+    return report
+
+
 def main(fn):
-    """The command-line boundary: a missing file or folder ends in one `error:` line, exit 1; a
+    """The command-line boundary: a missing file or folder, or an error about the user's data
+    (an exception with `user_error`, e.g. data.DataError), ends in one `error:` line, exit 1; a
     second Ctrl-C ends quietly. Other exceptions are bugs and keep their traceback."""
     try:
         fn()
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
+        print(f'error: {e}', file=sys.stderr)
+        raise SystemExit(1) from None
+    except Exception as e:
+        if not getattr(e, 'user_error', False):
+            raise
         print(f'error: {e}', file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
