@@ -12,6 +12,7 @@ True = masked.
 - random_masking: ablation (Table 2c / issue #61 of the official repo): int(ratio * N) cubes
   anywhere.
 - frame_masking: ablation: int(ratio * T') whole time slices.
+- running_cell_masking: VideoMAE V2's decoder mask (dual masking): which cubes the DECODER drops.
 
 Every sample of a batch masks the same number of cubes, so the model can reshape the visible tokens
 to (B, N_vis, C). All functions are vectorised over the batch: rank random noise per row and mask
@@ -63,3 +64,23 @@ def frame_masking(batch_size, grid, ratio, generator=None, device=None):
     T, H, W = _check(batch_size, grid, ratio)
     frames = _lowest_k(batch_size, T, int(ratio * T), generator, device)  # (B, T')
     return frames[:, :, None].expand(batch_size, T, H * W).reshape(batch_size, T * H * W)
+
+
+def running_cell_masking(batch_size, grid, ratio, generator=None, device=None):
+    """(B, N) bool, True = the decoder drops this cube (VideoMAE V2's RunningCellMaskingGenerator).
+    Every 2x2 cell of a time slice drops int(4 * ratio) of its 4 cubes; the pattern moves one place
+    along the cell per time slice, so over 4 slices every position is decoded alike, and the
+    starting phase is random per clip. ratio 0.5: a diagonal pair per cell, 784 of 1568 decoded."""
+    T, H, W = _check(batch_size, grid, ratio)
+    k = int(4 * ratio)
+    if not 0 < k < 4 or H % 2 or W % 2:
+        raise ValueError(f"running-cell masking needs 0.25 <= ratio < 1 and an even grid, got "
+                         f"ratio {ratio} on {H}x{W}")
+    gen_device = generator.device if generator is not None else (device or 'cpu')
+    phase = torch.randint(4, (batch_size, 1, 1), generator=generator, device=gen_device)
+    # the cell as a queue [drop x k, keep x (4-k)], read from position phase + t + 1 at slice t
+    pos = (phase + torch.arange(T, device=gen_device)[:, None] + 1
+           + torch.arange(4, device=gen_device)) % 4                            # (B, T, 4)
+    cells = (pos < k).view(batch_size, T, 2, 2)
+    mask = cells.repeat(1, 1, H // 2, W // 2).reshape(batch_size, T * H * W)  # tiled over the slice
+    return mask if device is None else mask.to(device)

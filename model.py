@@ -29,7 +29,12 @@ from torch.utils.checkpoint import checkpoint
 _SIZE_KEYS = 'embed_dim depth num_heads decoder_embed_dim decoder_num_heads decoder_depth'.split()
 SIZES = {name: dict(zip(_SIZE_KEYS, row)) for name, row in {
     'small': (384, 12, 6, 192, 3, 4), 'base': (768, 12, 12, 384, 6, 4),
-    'large': (1024, 24, 16, 512, 8, 12), 'huge': (1280, 32, 16, 640, 8, 12)}.items()}
+    'large': (1024, 24, 16, 512, 8, 12), 'huge': (1280, 32, 16, 640, 8, 12),
+    'giant': (1408, 40, 16, 512, 8, 4)}.items()}
+# ViT-g/14 of VideoMAE V2 (its models and scripts/pretrain/vit_g_hybrid_pt.sh); the two largest
+# sizes checkpoint their activations by default (memory).
+SIZES['giant'].update(patch_size=14, mlp_ratio=48 / 11, use_checkpoint=True)
+SIZES['huge'].update(use_checkpoint=True)
 # The options the stages set; use_mean_pooling=False and interpolate_pos are the AVA backbone's.
 DEFAULTS = dict(patch_size=16, tubelet_size=2, img_size=224, num_frames=16, mlp_ratio=4.0,
                 drop_path_rate=0.0, fc_drop_rate=0.0, init_scale=0.001, use_mean_pooling=True,
@@ -39,7 +44,7 @@ DEFAULTS = dict(patch_size=16, tubelet_size=2, img_size=224, num_frames=16, mlp_
 def _config(size, overrides):
     if size not in SIZES:
         raise ValueError(f"unknown model size {size!r}; valid sizes: {', '.join(SIZES)}")
-    cfg = {**SIZES[size], **DEFAULTS}
+    cfg = {**DEFAULTS, **SIZES[size]}
     if bad := sorted(set(overrides) - set(cfg)):
         raise ValueError(f"unknown model option(s) {', '.join(bad)}; "
                          f"valid options: {', '.join(sorted(cfg))}")
@@ -245,9 +250,12 @@ class PretrainVideoMAE(nn.Module):
     def grid(self, shape):
         return self.encoder.grid(shape)
 
-    def forward(self, video, mask):
+    def forward(self, video, mask, decoder_mask=None):
         """video (B, 3, T, H, W) ImageNet-normalised, mask (B, N) bool True = masked, the same count
-        in every row -> predictions (B, N_masked, 3*t*p*p) of the masked cubes in index order."""
+        in every row -> predictions (B, N_masked, 3*t*p*p) of the masked cubes in index order.
+        decoder_mask (B, N) True = not decoded (V2's dual masking): mask tokens only for the cubes
+        it keeps, visible ones included as V2 does (the same count in every row), and predictions
+        for those (B, N_kept, 3*t*p*p); the loss then counts the kept cubes that are masked."""
         _check_video(video)
         B, N = video.shape[0], math.prod(self.grid(video.shape))
         if mask.numel() != B * N:
@@ -263,11 +271,14 @@ class PretrainVideoMAE(nn.Module):
         # 0s = visible first); the gathers index with them instead of boolean masks, which sync.
         order = torch.argsort(mask.byte(), dim=1, stable=True)                  # (B, N)
         visible, masked = order[:, :n_vis], order[:, n_vis:]
+        if decoder_mask is not None:                 # the decoded cubes, index order
+            drop = decoder_mask.reshape(B, N).to(device=video.device, dtype=torch.bool)
+            masked = torch.argsort(drop.byte(), dim=1, stable=True)[:, :N - int(drop[0].sum())]
         x = self.encoder_to_decoder(self.encoder.forward_features(video, visible))  # (B, N_vis, Dd)
         pos = sincos_table(N, x.shape[-1], x.device).to(x.dtype)            # the decoder's (N, Dd)
         x = torch.cat([x + pos[visible],                                    # visible tokens, then
                        self.mask_token.to(x.dtype) + pos[masked]], dim=1)   # mask tokens (B, N, Dd)
-        x = self.decoder.blocks(x)[:, n_vis:]                    # the head reads the mask tokens
+        x = self.decoder.blocks(x)[:, n_vis:]                   # the head reads the mask tokens
         return self.decoder.head(self.decoder.norm(x))                      # (B, N_masked, 3*t*p*p)
 
 
@@ -315,25 +326,41 @@ def cube_targets(video, patch_size=16, tubelet_size=2, normalize=True):
         return x.flatten(2)
 
 
-def pretrain_loss(pred, video, mask, patch_size=16, tubelet_size=2, normalize=True):
-    """MSE between the predictions (B, N_masked, 3*t*p*p) and the targets of the MASKED cubes."""
+def pretrain_loss(pred, video, mask, patch_size=16, tubelet_size=2, normalize=True,
+                  decoder_mask=None):
+    """MSE between the predictions (B, N_masked, 3*t*p*p) and the targets of the MASKED cubes;
+    with a decoder_mask, over the decoded cubes (B, N_kept, ...) that are masked (V2)."""
     target = cube_targets(video, patch_size, tubelet_size, normalize)          # (B, N, 3*t*p*p)
     B, N, P = target.shape
-    target = target[mask.reshape(B, N).to(target.device, torch.bool)].reshape(B, -1, P)
+    mask = mask.reshape(B, N).to(target.device, torch.bool)
+    keep = mask if decoder_mask is None else ~decoder_mask.reshape(B, N).to(mask.device, torch.bool)
+    target = target[keep].reshape(B, -1, P)
     if pred.shape != target.shape:
-        raise ValueError(f"predictions {tuple(pred.shape)} do not match the masked-cube targets "
+        raise ValueError(f"predictions {tuple(pred.shape)} do not match the decoded-cube targets "
                          f"{tuple(target.shape)}")
-    return F.mse_loss(pred.float(), target)
+    if decoder_mask is None:
+        return F.mse_loss(pred.float(), target)
+    w = mask[keep].reshape(B, -1).float()                      # 1 = masked: counted in the loss
+    return ((pred.float() - target) ** 2).mean(-1).mul(w).sum() / w.sum()
 
 
 @torch.no_grad()
-def reconstruct(video, mask, pred, patch_size=16, tubelet_size=2, normalize=True):
+def reconstruct(video, mask, pred, patch_size=16, tubelet_size=2, normalize=True,
+                decoder_mask=None):
     """Picture (B, 3, T, H, W) in [0, 1]: the visible cubes' pixels, and the predictions for the
-    masked ones de-normalised with the ORIGINAL cube's mean/std (as the official visualisation)."""
+    masked ones de-normalised with the ORIGINAL cube's mean/std (as the official visualisation);
+    masked cubes that a decoder_mask drops are black (nothing predicted them)."""
     B, t, p = video.shape[0], tubelet_size, patch_size
     cubes = cube_targets(video, p, t, normalize=False).view(B, -1, t * p * p, 3)   # [0, 1]
     m = mask.reshape(B, -1).to(device=video.device, dtype=torch.bool)
-    out, gt = pred.float().reshape(-1, t * p * p, 3), cubes[m]                    # (M, t*p*p, 3)
+    out = pred.float().reshape(B, -1, t * p * p, 3)
+    if decoder_mask is not None:                 # the rows of pred are the decoded cubes
+        keep = ~decoder_mask.reshape(B, -1).to(device=video.device, dtype=torch.bool)
+        full = torch.zeros_like(cubes)
+        full[keep] = out.flatten(0, 1)
+        cubes[m & ~keep], out = 0.0, full[m & keep]
+        m = m & keep
+    out, gt = out.reshape(-1, t * p * p, 3), cubes[m]                             # (M, t*p*p, 3)
     if normalize:
         out = out * (gt.std(-2, keepdim=True) + 1e-6) + gt.mean(-2, keepdim=True)
     cubes[m] = out

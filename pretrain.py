@@ -29,7 +29,7 @@ import utils
 TABLE9 = dict(model='base', mask_type='tube', mask_ratio=0.9, normalize_target=True, num_frames=16,
               input_size=224, lr=1.5e-4, min_lr=1e-5, weight_decay=0.05, opt_betas=[0.9, 0.95],
               total_batch=1024, batch_size=32, warmup_epochs=40, epochs=800, save_ckpt_freq=20,
-              num_workers=10, crop='multiscale', flip=True)
+              num_workers=10, crop='multiscale', flip=True, decoder_mask_ratio=0.0, num_sample=1)
 # § B, UCF101 / HMDB51: "a similar recipe on Kinetics" with ratio 0.75, batch 192, base lr 3e-4;
 # 24 clips per GPU and a checkpoint every 100 epochs as the official UCF101 script.
 SECTION_B = dict(TABLE9, mask_ratio=0.75, total_batch=192, batch_size=24, lr=3e-4,
@@ -57,6 +57,13 @@ RECIPES = {
                       lr=4.8e-2, min_lr=1.6e-3, epochs=100, warmup_epochs=1,
                       save_ckpt_freq=20, num_workers=2),
 }
+# --model giant: VideoMAE V2's ViT-g/14 row (its scripts/pretrain/vit_g_hybrid_pt.sh, 64 GPUs x 32):
+# dual masking (tube 0.9 for the encoder, running cell 0.5 for the decoder), 4 clips per decoded
+# video with their own crops and masks, clip_grad 0.02. Its "epochs" and its lr scaling count
+# videos, not clips: one epoch decodes every video once and trains on 4 clips of each.
+V2_GIANT = dict(model='giant', mask_ratio=0.9, decoder_mask_ratio=0.5, num_sample=4,
+                total_batch=2048, batch_size=32, lr=6e-4, clip_grad=0.02, warmup_epochs=30,
+                epochs=300, save_ckpt_freq=5, sampling_rate=4)
 DECODER_KEYS = ('decoder_embed_dim', 'decoder_num_heads', 'decoder_depth')
 MASKS = {'tube': masking.tube_masking, 'random': masking.random_masking,
          'frame': masking.frame_masking}
@@ -81,11 +88,15 @@ def build_parser():
                        help=f"{text} ({utils.recipe_help(RECIPES, key)}; others: "
                             "the --model size's)")
     g.add_argument('--drop_path', type=float, default=0.0, help='stochastic depth (official: 0)')
-    g.add_argument('--use_checkpoint', action='store_true',
+    g.add_argument('--use_checkpoint', action=argparse.BooleanOptionalAction,
                    help='gradient checkpointing: less memory')
     g = p.add_argument_group('masking and target (the ablations of Table 2)')
     g.add_argument('--mask_type', choices=list(MASKS), help=r('mask_type', 'tube, random or frame'))
     g.add_argument('--mask_ratio', type=float, help=r('mask_ratio', 'fraction of cubes hidden'))
+    g.add_argument('--decoder_mask_ratio', type=float, help=r('decoder_mask_ratio', 'VideoMAE V2 '
+                   "dual masking: the share of cubes the decoder skips (running cell; V2: 0.5)"))
+    g.add_argument('--num_sample', type=int, help=r('num_sample', 'clips per decoded video, each '
+                   'with its own crop and mask (V2: 4); the lr scales with videos, not clips'))
     g.add_argument('--normalize_target', action=argparse.BooleanOptionalAction,
                    help=r('normalize_target', 'per-cube-normalised pixels; --no-: plain pixels'))
     utils.add_common_flags(p, RECIPES)
@@ -98,14 +109,19 @@ def build_parser():
 
 def resolve(parser, argv=None):
     """Flags over the recipe, then every check that can fail before any work (exit 2)."""
-    cfg = utils.resolve(parser, argv, lambda c: RECIPES[c['dataset']],
-                        lambda c: f"pretrain-{c['dataset']}",
+    def recipe(c):                                      # --model giant: V2's row on top
+        return {**RECIPES[c['dataset']], **(V2_GIANT if c['model'] == 'giant' else {})}
+    cfg = utils.resolve(parser, argv, recipe, lambda c: f"pretrain-{c['dataset']}",
                         init_flag='visualize', init_keys=None)
     if not 0.0 <= cfg['mask_ratio'] < 1.0:
         utils.flag_error(f"--mask_ratio {cfg['mask_ratio']} must be in [0, 1): the fraction of "
                          'cubes hidden (0.9 in the paper; 1 leaves the encoder nothing to see)')
-    utils.check_clip_flags(cfg)
-    if int(cfg['mask_ratio'] * (cfg['input_size'] // (cfg['patch_size'] or 16)) ** 2) < 1:
+    patch = utils.check_clip_flags(cfg, videomae.SIZES[cfg['model']].get('patch_size', 16))
+    side, r = cfg['input_size'] // patch, cfg['decoder_mask_ratio']
+    if r and (not 0 < int(4 * r) < 4 or side % 2):
+        utils.flag_error(f'--decoder_mask_ratio {r}: the running cell skips a quarter, half or '
+                         'three quarters of an even patch grid (V2: 0.5; 0: off)')
+    if int(cfg['mask_ratio'] * side ** 2) < 1:
         utils.flag_error(f"--mask_ratio {cfg['mask_ratio']} hides no cube of a frame: "
                          'nothing to learn')
     return cfg
@@ -113,9 +129,10 @@ def resolve(parser, argv=None):
 
 def build_model(cfg):
     kw = {k: cfg[k] for k in DECODER_KEYS if cfg[k] is not None}
+    if cfg['use_checkpoint'] is not None:               # else the size's default (huge, giant: on)
+        kw['use_checkpoint'] = cfg['use_checkpoint']
     return videomae.build_pretrain(cfg['model'], **utils.shape(cfg), **kw,
-                                   drop_path_rate=cfg['drop_path'],
-                                   use_checkpoint=cfg['use_checkpoint'])
+                                   drop_path_rate=cfg['drop_path'])
 
 
 # --------------------------------------------------------------------------------------------------
@@ -127,7 +144,8 @@ def train(cfg, d):
     samples = samples[:cfg['max_videos']] if cfg['max_videos'] else samples
     dataset = data.VideoDataset(samples, mode='train', num_frames=cfg['num_frames'],
                                 sampling_rate=cfg['sampling_rate'], input_size=cfg['input_size'],
-                                crop=cfg['crop'], flip=cfg['flip'], seed=cfg['seed'])
+                                crop=cfg['crop'], flip=cfg['flip'], seed=cfg['seed'],
+                                num_sample=cfg['num_sample'])   # K crops of one decoded window
     loader = data.make_loader(dataset, cfg['batch_size'], train=True,
                               num_workers=cfg['num_workers'], seed=cfg['seed'])
     model = build_model(cfg).to(d.device)
@@ -135,10 +153,11 @@ def train(cfg, d):
     groups = utils.param_groups(model, cfg['weight_decay'])
     optimizer = utils.make_adamw(groups, cfg['lr'], cfg['opt_betas'], d.device)
     run = utils.start(cfg, 'pretrain', d, model, optimizer, loader, classes,
-                      data.FailureLog(cfg['max_failed_ratio']))
+                      data.FailureLog(cfg['max_failed_ratio']), clips_per_video=cfg['num_sample'])
     p, t, make_mask = model.patch_size, model.tubelet_size, MASKS[cfg['mask_type']]
 
     def loss_of(batch, micro):                          # the VideoMAE step
+        # (B, K, 3, T, H, W) uint8 -> (B*K, 3, T, H, W) float: every clip gets its own mask
         video = data.normalize(batch['video'].to(d.device, non_blocking=True).flatten(0, 1))
         # the masks are a pure function of (seed, step, micro-batch, rank): a resumed run draws the
         # same masks as an uninterrupted one
@@ -146,8 +165,9 @@ def train(cfg, d):
             hash((cfg['seed'], run.it, micro, d.rank)) % 2**62)
         # (B, N), True = hidden
         mask = make_mask(len(video), model.grid(video.shape), cfg['mask_ratio'], g, d.device)
-        pred = run.net(video, mask)                     # (B, N_masked, 3*t*p*p)
-        return videomae.pretrain_loss(pred, video, mask, p, t, cfg['normalize_target'])
+        drop = decoder_mask(cfg, len(video), model.grid(video.shape), g, d.device)   # V2 or None
+        pred = run.net(video, mask, drop)               # (B, N_masked or N_kept, 3*t*p*p)
+        return videomae.pretrain_loss(pred, video, mask, p, t, cfg['normalize_target'], drop)
 
     for epoch in range(run.start_epoch, cfg['epochs']):
         for _ in utils.steps(run, epoch):
@@ -161,12 +181,21 @@ def train(cfg, d):
     return model
 
 
+def decoder_mask(cfg, batch_size, grid, generator, device):
+    """VideoMAE V2's dual masking: the cubes the decoder skips (B, N), or None (the paper's v1)."""
+    if not cfg['decoder_mask_ratio']:
+        return None
+    return masking.running_cell_masking(batch_size, grid, cfg['decoder_mask_ratio'], generator,
+                                        device)
+
+
 # --------------------------------------------------------------------------------------------------
 # Reconstruction pictures (appendix § E, Figures 10 and 11). One PNG per held-out video, rows from
 # top to bottom: the original frames, then for each ratio of VIS_RATIOS the masked input (hidden
 # cubes grey) and the reconstruction (visible cubes original; each predicted cube un-normalised with
 # the mean/std of the original cube, as the official visualisation: its brightness comes from the
-# truth).
+# truth). With dual masking the decoder also predicts only the cubes it keeps: the masked cubes it
+# skips stay black.
 
 @torch.no_grad()
 def reconstructions(model, cfg, device, autocast, out_dir):
@@ -190,12 +219,14 @@ def reconstructions(model, cfg, device, autocast, out_dir):
         for ratio in VIS_RATIOS:                  # the same masks at every checkpoint: seeded by k
             g = torch.Generator(device).manual_seed(cfg['seed'] * 1000 + k)
             mask = MASKS[cfg['mask_type']](1, grid, ratio, g, device)
+            drop = decoder_mask(cfg, 1, grid, g, device)
             with autocast():
-                pred = model(video, mask)
+                pred = model(video, mask, drop)
             hidden = mask.view(1, 1, *grid).repeat_interleave(t, 2).repeat_interleave(p, 3) \
                 .repeat_interleave(p, 4)                              # (1, 1, T, S, S) pixels
             rows += [original.masked_fill(hidden, 0.5),
-                     videomae.reconstruct(video, mask, pred.float(), p, t, cfg['normalize_target'])]
+                     videomae.reconstruct(video, mask, pred.float(), p, t, cfg['normalize_target'],
+                                          drop)]
         frames = torch.cat([r[0, :, show].transpose(0, 1) for r in rows]).cpu()  # (rows*F, 3, S, S)
         frames = frames.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
         picture = torchvision.utils.make_grid(frames, nrow=len(show), padding=2, pad_value=1.0)

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-SIZES = ('small', 'base', 'large', 'huge')
+SIZES = ('small', 'base', 'large', 'huge', 'giant')
 # Model-shape keys every stage stores in its config under these names, so that a checkpoint of one
 # stage rebuilds its encoder in another.
 SHAPE_KEYS = ('model', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'tubelet_size')
@@ -46,7 +46,7 @@ def flag_error(message):
 
 def model_name(value):
     """'base', or the official 'pretrain_videomae_base_patch16_224' / 'vit_base_patch16_224'."""
-    name = re.sub(r'^(pretrain_videomae_|vit_)|_patch16_224$', '', value)
+    name = re.sub(r'^(pretrain_videomae_|vit_)|_patch1[46]_224$', '', value)
     if name not in SIZES:
         raise argparse.ArgumentTypeError(f'unknown model {value!r}; choose from {", ".join(SIZES)} '
                                          '(or the official vit_<size>_patch16_224 spelling)')
@@ -140,9 +140,10 @@ def add_data_flags(p, recipes, datasets=None):
     return g
 
 
-def check_clip_flags(cfg):
-    """Clips must cut into whole cubes; a real dataset needs its folder."""
-    p, t = cfg.get('patch_size') or 16, cfg.get('tubelet_size') or 2
+def check_clip_flags(cfg, size_patch=16):
+    """Clips must cut into whole cubes; a real dataset needs its folder. -> the patch side.
+    size_patch: the --model size's patch side (model.SIZES; 14 for giant)."""
+    p, t = cfg.get('patch_size') or size_patch, cfg.get('tubelet_size') or 2
     if cfg['num_frames'] % t:
         flag_error(f"--num_frames {cfg['num_frames']} is not divisible by the tubelet size {t} "
                    f"(frames per cube); use a multiple of {t}")
@@ -152,6 +153,7 @@ def check_clip_flags(cfg):
     if cfg.get('dataset', 'synthetic') != 'synthetic' and not cfg['data_path']:
         flag_error(f"--dataset {cfg['dataset']} needs --data_path "
                    "(the folder you downloaded; README)")
+    return p
 
 
 def shape(cfg):
@@ -615,9 +617,14 @@ def end_epoch(run, epoch, **metrics):
             tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  " + '  '.join(
                 f'{k} {v:.4g}' for k, v in s.items() if k not in ('epoch', 'epoch_s')))
     path = save(run, epoch + 1, 0)
+    kept = (epoch + 1) % cfg['save_ckpt_freq'] == 0 or epoch + 1 == cfg['epochs']
+    if kept and run.dist.is_main:
+        with open(os.path.join(cfg['output_dir'], 'log.jsonl')) as f:
+            losses = [r['loss'] for r in map(json.loads, f) if r['kind'] == 'step']
+        plot_curve(losses, os.path.join(cfg['output_dir'], 'loss.png'),
+                   f'{run.stage}: loss per step')
     if run.preempt.should_stop(run.dist.device):
         stop(run, path)
-    kept = (epoch + 1) % cfg['save_ckpt_freq'] == 0 or epoch + 1 == cfg['epochs']
     return path if kept else None
 
 
@@ -647,6 +654,30 @@ def save(run, epoch, step_in_epoch):
             if old != path and (s or e % run.cfg['save_ckpt_freq']):
                 os.remove(old)
     return path
+
+
+def plot_curve(values, path, title):
+    """A line plot of values (the step losses) as a PNG, drawn with torchvision.utils: a plateau or
+    a divergence is seen at a glance. The axis labels give the range and the number of steps."""
+    from torchvision.io import write_png
+    from torchvision.utils import draw_bounding_boxes, draw_keypoints
+    W, H, m = 640, 300, 48
+    v = torch.tensor(values, dtype=torch.float)
+    lo, hi = float(v.min()), float(v.max())
+    x = m + torch.linspace(0, W - 2 * m, len(v))
+    y = H - m - (v - lo) / max(hi - lo, 1e-9) * (H - 2 * m)
+    img = torch.full((3, H, W), 255, dtype=torch.uint8)
+    img = draw_keypoints(img, torch.stack([x, y], 1)[None], colors='royalblue', radius=1,
+                         connectivity=[(i, i + 1) for i in range(len(v) - 1)], width=1)
+    # the frame, then white boxes that only carry labels: max, min, the step count, the title
+    boxes = torch.tensor([[m, m, W - m, H - m], [2, m - 6, m - 2, m + 6],
+                          [2, H - m - 6, m - 2, H - m + 6],
+                          [W - m - 80, H - m + 4, W - m, H - m + 16], [m, 4, W - m, 16]],
+                         dtype=torch.float)
+    labels = ['', f'{hi:.2f}', f'{lo:.2f}', f'step {len(v)}', title]
+    img = draw_bounding_boxes(img, boxes, labels=labels, colors=['black'] + ['white'] * 4,
+                              label_colors='black')
+    write_png(img, path)
 
 
 class Preemption:

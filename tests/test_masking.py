@@ -1,9 +1,10 @@
 """Masks: counts (official int() truncation), the tube property, randomness, reproducibility,
 errors."""
+import numpy as np
 import pytest
 import torch
 
-from masking import frame_masking, random_masking, tube_masking
+from masking import frame_masking, random_masking, running_cell_masking, tube_masking
 
 
 def test_tube_mask_counts_and_tube_property():
@@ -62,3 +63,31 @@ def test_bad_grid_says_why(grid):
 def test_bad_batch_size():
     with pytest.raises(ValueError, match='batch_size'):
         tube_masking(0, (8, 14, 14), 0.9)
+
+
+def running_cell_reference(T, H, W, k, phase):
+    """V2's generator as its release describes it: a queue [1]*k + [0]*(4-k) read from a pointer
+    that starts at `phase` and advances by one before every time slice; the 2x2 cell is tiled."""
+    queue, ptr, out = [1] * k + [0] * (4 - k), phase, []
+    for _ in range(T):
+        ptr += 1
+        cell = np.array([queue[(i + ptr) % 4] for i in range(4)]).reshape(2, 2)
+        out.append(np.tile(cell, (H // 2, W // 2)).flatten())
+    return np.stack(out).flatten().astype(bool)
+
+
+def test_running_cell_mask_is_v2s_pattern_with_a_random_phase_per_clip():
+    g = torch.Generator().manual_seed(0)
+    mask = running_cell_masking(64, (8, 14, 14), 0.5, generator=g)
+    refs = [running_cell_reference(8, 14, 14, 2, phase) for phase in range(4)]
+    phases = set()
+    for row in mask.numpy():
+        hit = [p for p, r in enumerate(refs) if (row == r).all()]
+        assert len(hit) == 1
+        phases.add(hit[0])
+    assert phases == {0, 1, 2, 3}                                   # every phase is drawn
+    assert (mask.sum(1) == 8 * 98).all()                             # half of each slice decoded
+    again = running_cell_masking(64, (8, 14, 14), 0.5, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(mask, again)
+    with pytest.raises(ValueError, match='even grid'):
+        running_cell_masking(1, (8, 7, 7), 0.5)

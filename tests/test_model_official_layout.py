@@ -60,7 +60,7 @@ def test_base_pretrain_and_classifier_state_dicts_equal_the_official_lists():
     assert [(k, tuple(v.shape)) for k, v in c.state_dict().items()] == cls
 
 
-@pytest.mark.parametrize('size', list(SIZES))
+@pytest.mark.parametrize('size', ['small', 'base', 'large', 'huge'])
 def test_parameter_counts_match_the_release(size):
     line = next(ln for ln in KEYS.read_text().splitlines() if ln.startswith(f'{size}: classifier'))
     cls_count, pre_count = (int(x.replace(',', '')) for x in re.findall(r'\d[\d,]{6,}', line))
@@ -70,3 +70,14 @@ def test_parameter_counts_match_the_release(size):
     assert sum(t.numel() for t in c.parameters()) == cls_count
     assert p.decoder.blocks.__len__() == (4 if size in ('small', 'base') else 12)
     assert p.encoder.blocks[0].attn.num_heads == SIZES[size]['num_heads']
+
+
+def test_giant_is_videomae_v2s_vit_g14_with_about_a_billion_encoder_parameters():
+    with torch.device('meta'):
+        p = build_pretrain('giant')
+    enc = sum(t.numel() for t in p.encoder.parameters())
+    assert abs(enc - 1.011e9) / 1.011e9 < 1e-3                    # V2: ViT-g, 1011M parameters
+    assert (p.patch_size, p.encoder.blocks[0].mlp.fc1.out_features) == (14, 6144)   # 1408 x 48/11
+    assert (len(p.decoder.blocks), p.mask_token.shape[-1], p.decoder.head.out_features) == \
+        (4, 512, 3 * 2 * 14 * 14)
+    assert p.config['use_checkpoint'] and SIZES['huge']['use_checkpoint']   # memory by default

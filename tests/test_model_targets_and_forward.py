@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from masking import random_masking, tube_masking
+from masking import random_masking, running_cell_masking, tube_masking
 from model import (build_classifier, build_pretrain, cube_targets, pretrain_loss, reconstruct,
                    sincos_table)
 
@@ -130,6 +130,44 @@ def test_pretrain_forward_matches_official_data_flow():
         out = m(video, mask)
     assert out.shape == (2, 24, 3 * 2 * 8 * 8)
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_dual_masking_equals_a_decoder_over_the_kept_tokens_only():
+    """V2's decoder masking against a per-sample reference with boolean indexing: the decoder reads
+    the visible tokens and mask tokens for the cubes the running cell keeps; the loss counts the
+    kept cubes that the encoder did not see."""
+    torch.manual_seed(0)
+    m = build_pretrain('small', **TINY).eval()
+    with torch.no_grad():
+        m.mask_token.normal_()
+    video = torch.randn(3, 3, 4, 32, 32)
+    grid = m.grid(video.shape)
+    mask, drop = tube_masking(3, grid, 0.75), running_cell_masking(3, grid, 0.5)
+    with torch.no_grad():
+        out = m(video, mask, drop)                                   # (B, 16 kept, P)
+        assert out.shape == (3, 16, 3 * 2 * 8 * 8)
+        x = (m.encoder.patch_embed.proj(video).flatten(2).transpose(1, 2)
+             + sine_reference(32, 32))
+        pos = sine_reference(32, 16).reshape(32, 16)
+        for b in range(3):
+            v = x[b][~mask[b]][None]
+            for blk in m.encoder.blocks:
+                v = blk(v)
+            v = m.encoder_to_decoder(m.encoder.norm(v))[0]
+            tokens = torch.cat([v + pos[~mask[b]], m.mask_token[0] + pos[~drop[b]]])[None]
+            for blk in m.decoder.blocks:
+                tokens = blk(tokens)
+            ref = m.decoder.head(m.decoder.norm(tokens[:, -16:]))[0]
+            torch.testing.assert_close(out[b], ref, rtol=1e-5, atol=1e-5)
+        target = cube_targets(video, 8, 2)
+        counted = mask & ~drop                                       # masked and decoded
+        want = torch.cat([((out[b] - target[b][~drop[b]]) ** 2).mean(-1)[counted[b][~drop[b]]]
+                          for b in range(3)]).mean()
+        got = pretrain_loss(out, video, mask, 8, 2, decoder_mask=drop)
+        torch.testing.assert_close(got, want)
+        assert torch.equal(m(video, mask), m(video, mask, None))     # off: v1, unchanged
+        pic = reconstruct(video, mask, out, 8, 2, decoder_mask=drop)
+        assert pic.shape == video.shape
 
 
 def test_masked_pixels_never_reach_the_predictions():

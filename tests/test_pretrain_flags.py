@@ -26,6 +26,7 @@ def resolve(*argv):
     (['--dataset', 'kinetics'], "invalid choice: 'kinetics'"),
     (['--model', 'gigantic'], "unknown model 'gigantic'; choose from small, base, large, huge"),
     (['--epochs', '0'], '--epochs must be at least 1, got 0'),
+    (['--decoder_mask_ratio', '0.1'], '--decoder_mask_ratio 0.1: the running cell skips'),
     (['--dataset', 'ucf101'], '--dataset ucf101 needs --data_path'),
     (['--mask_ratio', '0.01'], 'hides no cube'),
     (['--mask_type', 'block'], "invalid choice: 'block'"),
@@ -111,3 +112,13 @@ def test_schedule_warmup_peak_and_final():
     assert 4e-5 < last < 4e-5 * 1.001
     values = [lr(i) for i in range(40 * spe, 800 * spe)]
     assert all(a >= b for a, b in zip(values, values[1:]))     # monotone after warm-up
+
+
+def test_model_giant_is_a_flag_away_from_videomae_v2s_recipe():
+    cfg = resolve('--dataset', 'list', '--data_path', 'x',
+                  '--model', 'pretrain_videomae_giant_patch14_224')
+    # V2's scripts/pretrain/vit_g_hybrid_pt.sh
+    assert (cfg['model'], cfg['mask_ratio'], cfg['decoder_mask_ratio'], cfg['num_sample'],
+            cfg['lr'], cfg['clip_grad'], cfg['epochs'], cfg['warmup_epochs']) == \
+        ('giant', 0.9, 0.5, 4, 6e-4, 0.02, 300, 30)
+    assert resolve('--dataset', 'k400', '--data_path', 'x')['decoder_mask_ratio'] == 0.0  # paper

@@ -38,6 +38,8 @@ def test_tiny_run_lowers_loss_and_keeps_checkpoints(reference):
     assert (sorted(f for f in os.listdir(reference) if f.endswith('.pth'))
             == ['checkpoint-00002.pth', 'checkpoint-00004.pth'])
     assert os.path.isfile(reference / 'reconstructions' / 'checkpoint-00004' / 'video-1.png')
+    curve = torchvision.io.read_image(str(reference / 'loss.png'))   # the loss curve, drawn
+    assert tuple(curve.shape) == (3, 300, 640) and (curve < 255).any()
     state = torch.load(reference / 'checkpoint-00004.pth', map_location='cpu', weights_only=True)
     assert (state['stage'], state['epoch'], state['step_in_epoch']) == ('pretrain', 4, 0)
     assert state['config']['embed_dim'] == 32 and state['config']['accum_iter'] == 2

@@ -23,6 +23,10 @@ def stage_args(stage, list_videos, videos, pretrained, ava):
     return {
         'pretrain': [*PRETRAIN, '--data_path', list_videos, '--total_batch', 16, '--batch_size', 4,
                      *one_step],
+        # VideoMAE V2's dual masking and 2 clips per decoded video
+        'pretrain-v2': [*PRETRAIN, '--data_path', list_videos, '--total_batch', 16,
+                        '--batch_size', 4, '--decoder_mask_ratio', 0.5, '--num_sample', 2,
+                        *one_step],
         'finetune': ['--dataset', 'ucf101', '--data_path', videos, '--finetune', pretrained, *CLIP,
                      '--total_batch', 16, '--batch_size', 4, '--val_freq', 0, *one_step],
         'linprobe': ['--dataset', 'ucf101', '--data_path', videos, '--finetune', pretrained, *CLIP,
@@ -58,13 +62,14 @@ def checkpoints(folder):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('stage', ['pretrain', 'finetune', 'linprobe', 'detect'])
+@pytest.mark.parametrize('stage', ['pretrain', 'pretrain-v2', 'finetune', 'linprobe', 'detect'])
 def test_sigterm_in_the_last_step_of_an_epoch_resumes_to_the_same_weights(
         stage, list_videos, videos, pretrained, ava, tmp_path):
     args = stage_args(stage, list_videos, videos, pretrained, ava)
+    script = stage.split('-')[0] + '.py'                     # pretrain-v2: pretrain.py
     whole, cut = tmp_path / 'whole', tmp_path / 'cut'
-    run(f'{stage}.py', *args, '--output_dir', whole)
-    proc = start(f'{stage}.py', [*args, '--output_dir', cut])
+    run(script, *args, '--output_dir', whole)
+    proc = start(script, [*args, '--output_dir', cut])
     wait_for(lambda: (cut / 'log.jsonl').exists() and '"step"' in (cut / 'log.jsonl').read_text())
     proc.send_signal(signal.SIGTERM)                         # lands in step 2 = the last of epoch 2
     out, err = proc.communicate(timeout=120)
@@ -73,7 +78,7 @@ def test_sigterm_in_the_last_step_of_an_epoch_resumes_to_the_same_weights(
     saved = checkpoints(cut)
     assert len(saved) == 1 and '-' not in saved[0][len('checkpoint-'):], saved   # an epoch's end
     assert 0 < utils.load_state(str(cut / saved[0]))['epoch'] < EPOCHS
-    p = run(f'{stage}.py', *args, '--output_dir', cut)
+    p = run(script, *args, '--output_dir', cut)
     assert 'resuming' in p.stdout
     final = f'checkpoint-{EPOCHS:05d}.pth'
     assert_same_weights(weights(cut / final), weights(whole / final))
@@ -99,9 +104,10 @@ def test_sigkill_after_a_checkpoint_resumes_to_the_same_weights(list_videos, tmp
 
 @pytest.mark.slow
 def test_torchrun_ranks_hold_identical_weights_and_split_the_batch(list_videos, tmp_path):
-    # --batch_size 1: 1 clip x 2 ranks x 2 accumulation = 4
+    # --batch_size 1: 1 video x 2 ranks x 2 accumulation = 4; V2's dual masking, 2 clips a video
     run('pretrain.py', *PRETRAIN, '--data_path', list_videos, '--epochs', 2,
-        '--output_dir', tmp_path, '--batch_size', 1, torchrun=2)
+        '--output_dir', tmp_path, '--batch_size', 1, '--decoder_mask_ratio', 0.5, '--num_sample', 2,
+        torchrun=2)
     state = utils.load_state(str(tmp_path / 'checkpoint-00002.pth'))
     sums = state['rank_weight_sums']
     assert len(sums) == 2 and sums[0] == sums[1]
