@@ -118,6 +118,8 @@ def build_parser():
                    help='only the test protocol, on --resume or --finetune')
     g.add_argument('--predict', nargs='+', metavar='FILE',
                    help='print the top-5 classes of these videos')
+    g.add_argument('--export_hf', metavar='DIR', help='write the --resume checkpoint as a '
+                   'transformers VideoMAEForVideoClassification folder, then exit')
     g.add_argument('--compare', nargs=2, metavar=('A.csv', 'B.csv'),
                    help='two per-class CSVs: where does one model win? (--margin points)')
     g.add_argument('--margin', type=float, default=5.0,
@@ -235,7 +237,7 @@ def predict(cfg, d, model, classes, autocast):
     for f in cfg['predict']:
         try:
             views = make_dataset(cfg, [(f, 0)], 'test')[0]['video']       # (V, 3, T, S, S) uint8
-        except RuntimeError:
+        except (RuntimeError, data.DataError):   # every try of the dataset failed to decode
             raise SystemExit(f'error: --predict {f}: not a video PyAV can decode') from None
         with torch.no_grad(), autocast():
             probs = model(data.normalize(views.to(d.device))).float().softmax(-1).mean(0)
@@ -254,19 +256,21 @@ def main(argv=None):
     d = utils.init_distributed(cfg['device'])
     utils.seed_everything(cfg['seed'] + d.rank)
     resume = cfg['resume'] if cfg['resume'] not in ('auto', '') else None
-    only_test = cfg['eval'] or cfg['predict']
+    only_test = cfg['eval'] or cfg['predict'] or cfg['export_hf']
     classes = utils.checkpoint_meta(resume)['classes'] if resume else []
     if not (classes and only_test):
         train_samples, classes = data.load_split(cfg['dataset'], cfg['data_path'], 'train',
                                                  cfg['fold'])
     model = build_model(cfg, len(classes)).to(d.device)
-    if resume and only_test:
-        model.load_state_dict(utils.load_state(resume)['model'])
+    if resume and only_test:                     # ours, official or a transformers folder
+        utils.load_weights(vmae.load_checkpoint, model, resume, '--resume', d.is_main)
     elif cfg['finetune'] and not resume:
         utils.load_weights(vmae.load_checkpoint, model, cfg['finetune'], '--finetune', d.is_main)
     elif only_test and not resume:
-        raise SystemExit('error: --eval and --predict need weights: --resume CHECKPOINT '
+        raise SystemExit('error: --eval, --predict and --export_hf need weights: --resume CKPT '
                          f"(or a checkpoint in {cfg['output_dir']}) or --finetune FINE_TUNED.pth")
+    if cfg['export_hf']:
+        return print('transformers folder:', vmae.export_hf(model, cfg['export_hf'], classes))
     autocast = utils.amp_setup(d.device, cfg['precision'])[0]
     if cfg['predict']:
         return predict(cfg, d, model, classes, autocast)

@@ -14,6 +14,7 @@ strict. Positions are a fixed sine table (no parameter) recomputed for the input
 """
 import argparse
 import functools
+import json
 import math
 import os
 import re
@@ -370,9 +371,12 @@ def reconstruct(video, mask, pred, patch_size=16, tubelet_size=2, normalize=True
 
 # ----------------------------------------------------------------------------- checkpoints
 def _read_state_dict(path):
-    """-> (state dict without the prefixes of DDP 'module.', torch.compile '_orig_mod.' and the
-    official AVA code 'backbone.', saved by us?)."""
+    """-> (state dict in our names, without the prefixes of DDP 'module.', torch.compile
+    '_orig_mod.' and the official AVA code 'backbone.'; 'ours', 'official' or 'hub'; notes)."""
     path = os.fspath(path)
+    if os.path.isfile(os.path.join(path, 'config.json')) or path.endswith('.safetensors'):
+        sd, hub = _read_hub(path)                                        # transformers' layout
+        return _from_hub(sd), 'hub', hub_config_notes(hub)
     if os.path.isfile(os.path.join(path, 'mp_rank_00_model_states.pt')):  # a DeepSpeed folder
         path = os.path.join(path, 'mp_rank_00_model_states.pt')
     if not os.path.isfile(path):
@@ -391,7 +395,9 @@ def _read_state_dict(path):
         raise ValueError(f"checkpoint {path!r} holds no state dict (a dict of tensors, bare or "
                          f"under 'model'/'module'); found {top}")
     sd = {re.sub(r'^((module|_orig_mod|backbone)\.)+', '', k): v for k, v in sd.items()}
-    return sd, isinstance(obj, dict) and 'config' in obj
+    if any(k.startswith(('videomae.', 'embeddings.patch_embeddings')) for k in sd):
+        return _from_hub(sd), 'hub', []                                  # pytorch_model.bin alone
+    return sd, 'ours' if isinstance(obj, dict) and 'config' in obj else 'official', []
 
 
 def load_checkpoint(model, path):
@@ -399,11 +405,11 @@ def load_checkpoint(model, path):
     -> {'missing': model keys left at init, 'unexpected': checkpoint keys unused, 'source':
     '{official|ours}-{pretrain|classifier}', 'notes': [why, in words]}. What fine-tuning leaves out
     (below) is reported; anything else must match, else ValueError naming the keys and shapes."""
-    sd, ours = _read_state_dict(path)
+    sd, kind, notes = _read_state_dict(path)
     is_pre = any(k.startswith(('encoder.', 'decoder.')) or k == 'mask_token' for k in sd)
-    source = ('ours' if ours else 'official') + ('-pretrain' if is_pre else '-classifier')
+    source = kind + ('-pretrain' if is_pre else '-classifier')
     target, classifier = model.state_dict(), isinstance(model, VisionTransformer)
-    unexpected, may_miss, notes = [], set(), []
+    unexpected, may_miss = [], set()
 
     def leave_out(drop, fresh, note):  # drop(k): checkpoint keys unused; fresh: model keys at init
         unexpected.extend(k for k in sd if drop(k))
@@ -445,3 +451,126 @@ def load_checkpoint(model, path):
                          f"{hint}: " + '; '.join(problems))
     model.load_state_dict(sd, strict=not missing)
     return {'missing': missing, 'unexpected': unexpected, 'source': source, 'notes': notes}
+
+
+# ----------------------------------------------------------------------------- Hugging Face folders
+# transformers' VideoMAE names the same tensors otherwise: one Linear each for query, key and value
+# (our qkv stacks them), and the q/v biases as q_bias/v_bias (4.x) or query.bias/value.bias (5.x).
+_HUB = [('embeddings.patch_embeddings.projection.', 'patch_embed.proj.'),
+        ('encoder.layer.', 'blocks.'), ('decoder.decoder_layers.', 'decoder.blocks.'),
+        ('attention.attention.q_bias', 'attn.q_bias'),
+        ('attention.attention.v_bias', 'attn.v_bias'),
+        ('attention.attention.query.bias', 'attn.q_bias'),
+        ('attention.attention.value.bias', 'attn.v_bias'),
+        ('attention.output.dense.', 'attn.proj.'),
+        ('intermediate.dense.', 'mlp.fc1.'), ('output.dense.', 'mlp.fc2.'),
+        ('layernorm_before.', 'norm1.'), ('layernorm_after.', 'norm2.')]
+_QKV = ('query', 'key', 'value')
+
+
+def _from_hub(sd):
+    """transformers' keys -> ours (a pre-training model's encoder goes under encoder.)."""
+    pre, out, qkv = 'mask_token' in sd, {}, {}
+    for k, v in sd.items():
+        enc = k.startswith('videomae.')
+        k = re.sub(r'^videomae\.layernorm\.', 'norm.', re.sub(r'^classifier\.', 'head.', k))
+        for hub, ours in _HUB:
+            k = k.replace(hub, ours)
+        k = ('encoder.' if pre and enc else '') + k.removeprefix('videomae.')
+        if m := re.fullmatch(r'(.*blocks\.\d+\.)attention\.attention\.(\w+)\.weight', k):
+            qkv.setdefault(m[1], {})[m[2]] = v          # stacked below into our fused qkv
+        else:
+            out[k] = v
+    out.update({b + 'attn.qkv.weight': torch.cat([w[n] for n in _QKV]) for b, w in qkv.items()})
+    return out
+
+
+def _read_hub(path):
+    """A transformers folder (config.json + model.safetensors or pytorch_model.bin) or either file
+    -> (state dict in transformers' names, config dict or {})."""
+    folder = path if os.path.isdir(path) else os.path.dirname(path)
+    files = [os.path.join(path, n) for n in ('model.safetensors', 'pytorch_model.bin')] \
+        if os.path.isdir(path) else [path]
+    weights = next((f for f in files if os.path.isfile(f)), None)
+    if weights is None:
+        raise FileNotFoundError(f"{path!r} has no model.safetensors or pytorch_model.bin")
+    if weights.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+        except ImportError:
+            raise ImportError(f"{weights} is a safetensors file: pip install safetensors") from None
+        sd = load_file(weights)
+    else:
+        sd = torch.load(weights, map_location='cpu', weights_only=True)
+    cfg_path = os.path.join(folder, 'config.json')
+    return sd, (json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {})
+
+
+def hub_config_notes(hub):
+    """Where a transformers config.json disagrees with the official architecture (known traps of
+    the converted configs): our models keep the official numerics."""
+    notes = []
+    if hub.get('layer_norm_eps', 1e-6) != 1e-6:
+        notes.append(f"config.json: layer_norm_eps {hub['layer_norm_eps']}; the official models "
+                     "(and this one) use 1e-6")
+    size = next((s for s, v in SIZES.items() if v['embed_dim'] == hub.get('hidden_size')), None)
+    heads = SIZES[size]['num_heads'] if size else None
+    if size and hub.get('num_attention_heads', heads) != heads:
+        notes.append(f"config.json: {hub['num_attention_heads']} heads for width "
+                     f"{hub['hidden_size']}; the official {size} model has {heads}")
+    return notes
+
+
+def hub_shape(hub):
+    """build_* arguments of a transformers config.json: sizes, patch, tubelet, frames, pooling."""
+    size = next((s for s, v in SIZES.items() if v['embed_dim'] == hub['hidden_size']), 'base')
+    return size, dict(embed_dim=hub['hidden_size'], depth=hub['num_hidden_layers'],
+                      num_heads=hub['num_attention_heads'], patch_size=hub['patch_size'],
+                      tubelet_size=hub['tubelet_size'], num_frames=hub['num_frames'],
+                      img_size=hub['image_size'],
+                      use_mean_pooling=hub.get('use_mean_pooling', True),
+                      mlp_ratio=hub['intermediate_size'] / hub['hidden_size'])
+
+
+def export_hf(model, out_dir, class_names=None):
+    """Write model as a transformers folder (config.json + model.safetensors, or pytorch_model.bin
+    without the safetensors package) that VideoMAEForPreTraining / VideoMAEForVideoClassification
+    load with no missing, unexpected or mismatched keys."""
+    c, pre = model.config, isinstance(model, PretrainVideoMAE)
+    enc = model.encoder if pre else model
+    cfg = dict(model_type='videomae', hidden_size=c['embed_dim'], num_hidden_layers=c['depth'],
+               num_attention_heads=c['num_heads'], image_size=c['img_size'],
+               intermediate_size=enc.blocks[0].mlp.fc1.out_features, patch_size=c['patch_size'],
+               num_frames=c['num_frames'], tubelet_size=c['tubelet_size'], layer_norm_eps=1e-6,
+               qkv_bias=True, num_channels=3, use_mean_pooling=not pre and c['use_mean_pooling'],
+               norm_pix_loss=True, decoder_hidden_size=c['decoder_embed_dim'],
+               decoder_num_hidden_layers=c['decoder_depth'],
+               decoder_num_attention_heads=c['decoder_num_heads'],
+               decoder_intermediate_size=int(c['decoder_embed_dim'] * c['mlp_ratio']),
+               architectures=['VideoMAEFor' + ('PreTraining' if pre else 'VideoClassification')])
+    if not pre:
+        names = class_names or [str(i) for i in range(c['num_classes'])]
+        cfg.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
+    back = [(o, h) for h, o in reversed(_HUB) if not h.endswith(('query.bias', 'value.bias'))]
+    sd = {}
+    for k, v in model.state_dict().items():
+        own = k.startswith(('decoder.', 'encoder_to_decoder', 'mask_token', 'fc_norm', 'head'))
+        k = re.sub(r'^norm\.', 'layernorm.', k.removeprefix('encoder.'))
+        k = re.sub(r'^head\.', 'classifier.', k)
+        for ours, hub in back:
+            k = k.replace(ours, hub)
+        k = k if own else 'videomae.' + k             # the ViT lives under videomae. in both kinds
+        if k.endswith('attn.qkv.weight'):
+            sd.update({k.replace('attn.qkv', f'attention.attention.{n}'): w.contiguous()
+                       for n, w in zip(_QKV, v.chunk(3))})
+        else:
+            sd[k] = v.contiguous()
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'config.json'), 'w') as f:
+        json.dump(cfg, f, indent=1)
+    try:
+        from safetensors.torch import save_file
+        save_file(sd, os.path.join(out_dir, 'model.safetensors'))
+    except ImportError:
+        torch.save(sd, os.path.join(out_dir, 'pytorch_model.bin'))
+    return out_dir

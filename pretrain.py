@@ -103,6 +103,8 @@ def build_parser():
     p.add_argument('--visualize', metavar='CHECKPOINT',
                    help='only write the reconstruction pictures '
                         'of CHECKPOINT (its own configuration), then exit')
+    p.add_argument('--export_hf', metavar='DIR', help='write the --resume checkpoint as a '
+                   'transformers VideoMAEForPreTraining folder, then exit')
     p.add_argument('--vis_videos', type=int, default=4, help='held-out videos in the pictures (4)')
     return p
 
@@ -240,6 +242,13 @@ def reconstructions(model, cfg, device, autocast, out_dir):
 def main(argv=None):
     cfg = resolve(build_parser(), argv)
     d = utils.init_distributed(cfg['device'])
+    if cfg['export_hf']:                      # a transformers VideoMAEForPreTraining folder
+        model, ckpt = build_model(cfg), cfg['resume'] if cfg['resume'] != 'auto' else ''
+        if not ckpt:
+            raise SystemExit('error: --export_hf needs a checkpoint: --resume CKPT (or one in '
+                             f"{cfg['output_dir']})")
+        utils.load_weights(videomae.load_checkpoint, model, ckpt, '--resume')
+        return print('transformers folder:', videomae.export_hf(model, cfg['export_hf']))
     if cfg['visualize']:                      # next to the checkpoint: reconstructions/<its name>/
         model = build_model(cfg).to(d.device)
         utils.load_weights(videomae.load_checkpoint, model, cfg['visualize'], '--visualize')

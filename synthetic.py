@@ -1,26 +1,18 @@
-"""The built-in datasets, generated on first use and written as real files in the layouts users
-download, so that the stages read them with the same code as the real datasets.
-
-  ensure_motion(): 8 camera motions that no single frame reveals, MPEG-4 AVI in the UCF101
-                   layout (pretrain.py, finetune.py, linprobe.py: data.load_split('synthetic'));
+"""The built-in datasets, generated on first use (through _cached) as real files in the layouts
+users download, so that the stages read them with the same code as the real datasets:
+  ensure_motion(): 8 camera motions that no single frame reveals, MPEG-4 AVI in the UCF101 layout
+                   (pretrain.py, finetune.py, linprobe.py: data.load_split('synthetic'));
   ensure_ava():    people-like figures standing, walking, crouching or waving, 30-fps JPEG frames
                    in the SlowFast AVA layout, with real CSV/pbtxt annotations and detected boxes.
-
-Both write through _cached(). Every rank of a torchrun job calls them before the process group
-exists, so on a fresh cache several processes write the same set at once: each writes its own
-temporary folder beside the root, puts the marker in last and renames the folder into place; the
-first rename wins and the others use its copy. Nothing deletes a root, so no process can lose files
-that another reads.
 """
 import json
-import math
 import os
 import shutil
 import tempfile
 
 import numpy as np
 import torch
-from torchvision.io import encode_jpeg
+from torchvision.io import encode_jpeg, write_file
 from tqdm import tqdm
 
 import data
@@ -28,44 +20,40 @@ import data
 MARKER = 'synthetic.json'  # the generation parameters, written last: its presence means "complete"
 
 
-def _cache_path(name):
-    home = os.path.join(os.path.expanduser('~'), '.cache', 'videomae')
-    return os.path.join(os.environ.get('VIDEOMAE_CACHE') or home, name)
-
-
 def _ready(root, params):
-    """True if root holds the set generated with `params`, False if root is absent or empty.
-    Anything else is a folder we must not overwrite: ValueError saying what to do."""
+    """True: root holds the set made with `params`; False: absent or empty; else ValueError."""
     marker = os.path.join(root, MARKER)
     if os.path.isfile(marker):
         with open(marker) as f:
             found = json.load(f)
         if found == params:
             return True
-        raise ValueError(f'{root} holds a synthetic dataset generated with other parameters: '
-                         f'{marker} says {found}, this call asks for {params}; delete the folder '
-                         'or pass another root')
+        raise ValueError(f'{root}: a synthetic dataset with other parameters: {marker} says '
+                         f'{found}, this call asks for {params}; delete it or pass another root')
     if os.path.exists(root) and os.listdir(root):
         raise ValueError(f'{root} exists and is not a synthetic dataset (no {marker}); empty it or '
                          'pass another root')
     return False
 
 
-def _cached(root, params, write):
-    """-> root (absolute), holding what write(folder) puts into a folder, generated once for
-    `params`. Safe when several processes call it at once for the same root."""
-    root = os.path.abspath(root)
+def _cached(root, params, write, name=None):
+    """-> root (absolute; None: $VIDEOMAE_CACHE/<name>, else ~/.cache/videomae/<name>), holding
+    what write(folder) puts into a folder, generated once for `params`. Every rank of a torchrun job
+    calls this before the process group exists, so several may write one fresh root at once: each
+    writes its own folder beside the root, puts the marker in last and renames it into place; the
+    first rename wins, the others use its copy. Nothing deletes a root that another may read."""
+    home = os.path.join(os.path.expanduser('~'), '.cache', 'videomae')
+    root = os.path.abspath(root or os.path.join(os.environ.get('VIDEOMAE_CACHE') or home, name))
     if _ready(root, params):
         return root
-    parent = os.path.dirname(root)
-    os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(root)}-tmp-', dir=parent)  # same filesystem
-    try:
+    os.makedirs(os.path.dirname(root), exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=f'.{os.path.basename(root)}-tmp-', dir=os.path.dirname(root))
+    try:  # tmp beside root: the same filesystem, so the rename is atomic
         write(tmp)
         with open(os.path.join(tmp, MARKER), 'w') as f:
             json.dump(params, f)
         try:
-            os.rename(tmp, root)  # atomic; replaces an empty root, fails on a filled one
+            os.rename(tmp, root)  # replaces an empty root, fails on a filled one
         except OSError:
             if not _ready(root, params):  # not "another process finished first": a real error
                 raise
@@ -74,40 +62,33 @@ def _cached(root, params, write):
     return root
 
 
-def _write_lines(path, lines):
+def _write_lines(folder, rel, lines):
+    path = os.path.join(folder, rel)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, 'w') as f:
         f.writelines(ln + '\n' for ln in lines)
 
 
-# --------------------------------------------------------------------------------------------------
-# The motion set: motions that no single frame reveals, in the UCF101 layout.
-# --------------------------------------------------------------------------------------------------
+# ---- the motion set: motions that no single frame reveals, in the UCF101 layout ------------------
 MOTION_CLASSES = ['MoveLeft', 'MoveRight', 'MoveUp', 'MoveDown', 'RotateClockwise',
                   'RotateCounterClockwise', 'Approach', 'Recede']
 
 
 def _motion_video(rng, cls, F, S, waves=4):
-    """One video (F, S, S, 3) uint8 of class `cls`: a smooth colour texture filling the frame
-    (`waves` plane waves of random direction, phase and colour, 0.5-1.5 cycles per frame width)
-    that moves as a whole the class's way, as under a camera that pans (1-1.5 px / frame), rolls
-    about the frame centre (5-8 degrees / frame) or zooms (magnification 0.7 <-> 1.4 over the
-    video); plus noise of std 1 level. Texture, colour and speed are drawn alike in every class:
-    only motion tells the classes apart.
-
-    Why this design (v6), measured (README, "Does pre-training help?"): with per-cube-normalised
-    targets a flat region is pure noise, so sets of shapes on a flat background (v5) kept
-    pre-training on the predict-the-mean plateau; a texture this smooth lets the average of the
-    visible cubes say something about every hidden one, so pre-training leaves the plateau, and the
-    hidden cubes' change between their two frames can only be predicted by following the motion.
-    At 2-4 cycles per frame random features already separate the classes (a probe on a random
-    encoder: 68.8%); at 0.5-1.5, 20.8%."""
+    """One video (F, S, S, 3) uint8 of class `cls`: a smooth colour texture (`waves` plane waves of
+    random direction, phase and colour, 0.5-1.5 cycles per frame width) fills the frame and moves as
+    a whole, as under a camera that pans (1-1.5 px / frame), rolls about the centre (5-8 degrees /
+    frame) or zooms (x0.7 <-> x1.4 over the video); noise std 1. Only the motion differs by class.
+    Why (v6, README "Does pre-training help?"): on a flat background (v5) per-cube-normalised
+    targets are noise and pre-training stayed on the predict-the-mean plateau; a texture this smooth
+    lets visible cubes tell about hidden ones, whose change only the motion predicts. At 2-4 cycles
+    per frame a probe on a random encoder already scored 68.8%; at 0.5-1.5, 20.8%."""
     yy, xx = np.mgrid[0:S, 0:S].astype(np.float32)
     x, y = xx[None] - S / 2, yy[None] - S / 2                           # about the frame centre
     t = np.arange(F, dtype=np.float32)[:, None, None]
     name = MOTION_CLASSES[cls]
     if name.startswith('Move'):    # texture coordinates (u, v) seen at each pixel and frame
-        dx, dy = {'MoveLeft': (-1, 0), 'MoveRight': (1, 0),
-                  'MoveUp': (0, -1), 'MoveDown': (0, 1)}[name]
+        dx, dy = {'Left': (-1, 0), 'Right': (1, 0), 'Up': (0, -1), 'Down': (0, 1)}[name[4:]]
         speed = rng.uniform(1.0, 1.5)
         u, v = x - dx * speed * t, y - dy * speed * t
     elif name.startswith('Rotate'):  # y points down: a positive angle turns clockwise on screen
@@ -129,8 +110,6 @@ def _motion_video(rng, cls, F, S, waves=4):
 
 
 def _write_motion(folder, seed, num_train, num_test, num_frames, size):
-    lists = os.path.join(folder, 'ucfTrainTestlist')
-    os.makedirs(lists)
     train, test = [], []
     videos = [(ci, k) for ci in range(len(MOTION_CLASSES)) for k in range(num_train + num_test)]
     for ci, k in tqdm(videos, desc='synthetic motion set', unit='video'):
@@ -140,35 +119,25 @@ def _write_motion(folder, seed, num_train, num_test, num_frames, size):
         video = _motion_video(np.random.default_rng([seed, ci, k]), ci, num_frames, size)
         data.encode_video(os.path.join(folder, 'UCF-101', rel), video, fps=25, gop=12,
                           bit_rate=3 * size * size * 25)
-        if k < num_test:  # the first groups are the test split
-            test.append(rel)
-        else:
-            train.append(f'{rel} {ci + 1}')
-    _write_lines(os.path.join(lists, 'classInd.txt'),
+        test.append(rel) if k < num_test else train.append(f'{rel} {ci + 1}')
+    _write_lines(folder, 'ucfTrainTestlist/classInd.txt',
                  [f'{i + 1} {n}' for i, n in enumerate(MOTION_CLASSES)])
-    for fold in (1, 2, 3):  # one real split, repeated so that --fold 2/3 also work
-        _write_lines(os.path.join(lists, f'trainlist{fold:02d}.txt'), train)
-        _write_lines(os.path.join(lists, f'testlist{fold:02d}.txt'), test)
+    for fold in (1, 2, 3):  # one real split (the first groups: test), repeated for --fold 2/3
+        _write_lines(folder, f'ucfTrainTestlist/trainlist{fold:02d}.txt', train)
+        _write_lines(folder, f'ucfTrainTestlist/testlist{fold:02d}.txt', test)
 
 
 def ensure_motion(root=None, seed=0, *, num_train=40, num_test=12, num_frames=40, size=64):
-    """Path of the motion set (UCF101 layout: UCF-101/<Class>/v_<Class>_gGG_cCC.avi and
-    ucfTrainTestlist/), generated on first use into `root` (default $VIDEOMAE_CACHE/synthetic-v6,
-    else ~/.cache/videomae/synthetic-v6; -seed<N> appended for other seeds). 8 motion classes x
-    (num_train + num_test) MPEG-4 AVI videos of num_frames frames at size x size, 25 fps.
-    Deterministic by seed."""
-    root = root or _cache_path('synthetic-v6' + (f'-seed{seed}' if seed else ''))
+    """Path of the motion set (UCF-101/<Class>/v_<Class>_gGG_cCC.avi, ucfTrainTestlist/): 8 classes
+    x (num_train + num_test) MPEG-4 AVI videos, num_frames at size x size, 25 fps."""
     params = dict(version=6, seed=seed, num_train=num_train, num_test=num_test,
                   num_frames=num_frames, size=size, classes=MOTION_CLASSES)
     return _cached(root, params,
-                   lambda tmp: _write_motion(tmp, seed, num_train, num_test, num_frames, size))
+                   lambda tmp: _write_motion(tmp, seed, num_train, num_test, num_frames, size),
+                   'synthetic-v6' + (f'-seed{seed}' if seed else ''))
 
 
-# --------------------------------------------------------------------------------------------------
-# The AVA-layout set (detect.py's default run): people-like figures (a body with a head) standing,
-# walking (moving sideways), crouching or waving (an arm going up and down), drawn into 30-fps JPEG
-# frames in the SlowFast layout, with real CSV/pbtxt annotations and SlowFast-style detected boxes.
-# --------------------------------------------------------------------------------------------------
+# ---- the AVA-layout set (detect.py's default run), with SlowFast-style detected boxes ------------
 AVA_FPS = 30          # as detect.py: SlowFast frames are extracted at 30 fps from the 15:00 cut
 WINDOW_START = 900    # keyframe of second s = frame (s - 900) x 30 of that cut
 AVA_NAMES = {1: 'bend/bow (at the waist)', 3: 'crouch/kneel', 12: 'stand', 14: 'walk',
@@ -177,8 +146,7 @@ AVA_KINDS = [(12,), (14,), (3,), (12, 69)]  # id 1 never occurs: "no GT", not in
 
 
 def _ava_movie(rng, seconds, H, W):
-    """-> frames uint8 (seconds*30+1, H, W, 3), people [(actions, boxes per frame (F, 4) in
-    normalised coordinates)]."""
+    """-> frames uint8 (seconds*30+1, H, W, 3), people [(actions, boxes (F, 4), normalised)]."""
     n = seconds * AVA_FPS + 1
     yy, xx = np.mgrid[0:H, 0:W]
     c0, c1 = rng.integers(40, 200, 3), rng.integers(40, 200, 3)
@@ -187,7 +155,7 @@ def _ava_movie(rng, seconds, H, W):
     people, slots = [], rng.permutation(4)[:rng.integers(2, 4)]
     for slot in slots:
         acts = AVA_KINDS[rng.integers(len(AVA_KINDS))]
-        bw, bh = (12, 18) if 3 in acts else (10, 30)
+        bw, bh, head = (12, 18, 6) if 3 in acts else (10, 30, 5)  # body width, height; head side
         x = 4 + slot * (W - 8) / 4 + rng.uniform(0, (W - 8) / 4 - bw)
         y = H - bh - rng.uniform(2, 10)
         vx = rng.choice([-1.0, 1.0]) * rng.uniform(0.8, 1.2)
@@ -199,18 +167,15 @@ def _ava_movie(rng, seconds, H, W):
                 if x < 1 or x + bw > W - 1:
                     vx, x = -vx, min(max(x, 1), W - 1 - bw)
             x0, y0 = int(round(x)), int(round(y))
-            head = max(bw // 2, 5)
             hx = x0 + (bw - head) // 2
             frames[f, y0 + head:y0 + bh, x0:x0 + bw] = colour                   # body
             frames[f, y0:y0 + head, hx:hx + head] = colour * 0.6 + 60           # head
-            left, right = x0, x0 + bw
-            if 69 in acts:                          # wave: an arm up / down, period 10 frames
-                up = math.sin(2 * math.pi * (f + phase) / 10) > 0
+            up = 69 in acts and np.sin(2 * np.pi * (f + phase) / 10) > 0    # wave: period 10
+            if 69 in acts:                                          # an arm up / down, in the box
                 ay = y0 - 6 if up else y0 + head
                 frames[f, max(ay, 0):ay + 8, x0 + bw:x0 + bw + 3] = colour
-                right = x0 + bw + 3
-            top = max(y0 - 6 if 69 in acts and up else y0, 0)
-            boxes[f] = (left / W, top / H, right / W, (y0 + bh) / H)
+            right = x0 + bw + (3 if 69 in acts else 0)
+            boxes[f] = (x0 / W, max(y0 - 6 if up else y0, 0) / H, right / W, (y0 + bh) / H)
         people.append((acts, boxes))
     frames += rng.normal(0, 3, frames.shape)
     return frames.clip(0, 255).astype(np.uint8), people
@@ -230,43 +195,36 @@ def _write_ava(folder, seed, num_train, num_val, seconds, size):
         jpegs = encode_jpeg(list(torch.from_numpy(frames).permute(0, 3, 1, 2)), quality=90)
         for f, jpg in enumerate(jpegs):
             rel = f'{vid}/{vid}_{f + 1:06d}.jpg'
-            with open(os.path.join(folder, 'frames', rel), 'wb') as fh:
-                fh.write(jpg.numpy().tobytes())
+            write_file(os.path.join(folder, 'frames', rel), jpg)
             lists[split].append(f'{vid} {m} {f} {rel} ""')
         for sec in keyframes:
-            f = (sec - WINDOW_START) * AVA_FPS
+            key = f'{vid},{sec:04d},'
             for pid, (acts, boxes) in enumerate(people):
-                b = boxes[f]
-                row = f'{vid},{sec:04d},' + ','.join(f'{v:.3f}' for v in b)
-                gt[split] += [f'{row},{a},{pid}' for a in acts]
+                box = boxes[(sec - WINDOW_START) * AVA_FPS]
+                gt[split] += [key + ','.join(f'{v:.3f}' for v in box) + f',{a},{pid}' for a in acts]
                 if split == 'val':                 # the "detector": jittered boxes, high score
-                    jb = np.clip(b + rng.uniform(-0.01, 0.01, 4), 0, 1)
-                    dets.append(f'{vid},{sec:04d},' + ','.join(f'{v:.3f}' for v in jb)
+                    box = np.clip(box + rng.uniform(-0.01, 0.01, 4), 0, 1)
+                    dets.append(key + ','.join(f'{v:.3f}' for v in box)
                                 + f',,{rng.uniform(0.85, 1):.6f}')
             if split == 'val':                     # a low-score false box, cut by det_thresh
-                dets.append(f'{vid},{sec:04d},0.010,0.010,0.200,0.300,,0.400000')
-    ann = os.path.join(folder, 'annotations')
-    os.makedirs(ann)
-    os.makedirs(os.path.join(folder, 'frame_lists'))
+                dets.append(key + '0.010,0.010,0.200,0.300,,0.400000')
     for split in ('train', 'val'):
-        _write_lines(os.path.join(ann, f'ava_{split}_v2.2.csv'), gt[split])
-        _write_lines(os.path.join(folder, 'frame_lists', f'{split}.csv'),
+        _write_lines(folder, f'annotations/ava_{split}_v2.2.csv', gt[split])
+        _write_lines(folder, f'frame_lists/{split}.csv',
                      ['original_vido_id video_id frame_id path labels'] + lists[split])
-    _write_lines(os.path.join(ann, 'ava_val_predicted_boxes.csv'), dets)
-    _write_lines(os.path.join(ann, 'ava_val_excluded_timestamps_v2.2.csv'),
+    _write_lines(folder, 'annotations/ava_val_predicted_boxes.csv', dets)
+    _write_lines(folder, 'annotations/ava_val_excluded_timestamps_v2.2.csv',
                  [f'{ids[num_train]},{keyframes[0]:04d}'])
-    _write_lines(os.path.join(ann, 'ava_action_list_v2.2_for_activitynet_2019.pbtxt'),
+    _write_lines(folder, 'annotations/ava_action_list_v2.2_for_activitynet_2019.pbtxt',
                  [f'label {{\n  name: "{name}"\n  label_id: {i}\n  label_type: PERSON_MOVEMENT\n}}'
                   for i, name in AVA_NAMES.items()])
 
 
 def ensure_ava(root=None, seed=0, *, num_train=12, num_val=4, seconds=6, size=(72, 96)):
-    """Path of the AVA-layout set (annotations/, frames/<id>/<id>_000001.jpg, frame_lists/),
-    generated on first use into `root` (default $VIDEOMAE_CACHE/synthetic-ava-v1-seed<N>, else
-    ~/.cache/videomae/...): num_train + num_val movies of `seconds` seconds at size (H, W),
-    keyframes at seconds 902 .. 900 + seconds - 1. Deterministic by seed."""
-    root = root or _cache_path(f'synthetic-ava-v1-seed{seed}')
+    """Path of the AVA-layout set (annotations/, frames/<id>/<id>_000001.jpg, frame_lists/):
+    num_train + num_val movies of `seconds` s at size (H, W), keyframes at 902 .. 899 + seconds."""
     params = dict(version=1, seed=seed, num_train=num_train, num_val=num_val, seconds=seconds,
                   size=list(size))
     return _cached(root, params,
-                   lambda tmp: _write_ava(tmp, seed, num_train, num_val, seconds, size))
+                   lambda tmp: _write_ava(tmp, seed, num_train, num_val, seconds, size),
+                   f'synthetic-ava-v1-seed{seed}')

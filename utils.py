@@ -40,7 +40,7 @@ SHAPE_KEYS = ('model', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'tubelet
 
 def flag_error(message):
     """A bad flag: one line on stderr and exit code 2, as argparse does, without the usage block."""
-    print(f'error: {message}', file=sys.stderr)
+    tqdm.write(f'error: {message}', file=sys.stderr)
     raise SystemExit(2)
 
 
@@ -391,7 +391,16 @@ def load_state(path):
 
 def checkpoint_meta(path):
     """{'config', 'classes', 'stage'} of a checkpoint (mmap: no tensor is read); empty for
-    official files."""
+    official files. A transformers folder gives its config.json's shape and id2label names."""
+    hub = os.path.join(path if os.path.isdir(path) else os.path.dirname(path), 'config.json')
+    if (os.path.isdir(path) or path.endswith('.safetensors')) and os.path.isfile(hub):
+        with open(hub) as f:
+            c = json.load(f)
+        labels = c.get('id2label') or {}
+        return {'config': dict(embed_dim=c['hidden_size'], depth=c['num_hidden_layers'],
+                               num_heads=c['num_attention_heads'], patch_size=c['patch_size'],
+                               tubelet_size=c['tubelet_size']), 'stage': None,
+                'classes': [labels[k] for k in sorted(labels, key=int)]}
     obj = load_state(path)
     obj = obj if isinstance(obj, dict) else {}
     cfg = obj.get('config')
@@ -879,13 +888,18 @@ def main(fn):
     second Ctrl-C ends quietly. Other exceptions are bugs and keep their traceback."""
     try:
         fn()
+    except SystemExit as e:                     # 'error: ...' messages: on a line of their own,
+        if not isinstance(e.code, str):         # below any progress bar
+            raise
+        tqdm.write(e.code, file=sys.stderr)
+        raise SystemExit(1) from None
     except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        print(f'error: {e}', file=sys.stderr)
+        tqdm.write(f'error: {e}', file=sys.stderr)
         raise SystemExit(1) from None
     except Exception as e:
         if not getattr(e, 'user_error', False):
             raise
-        print(f'error: {e}', file=sys.stderr)
+        tqdm.write(f'error: {e}', file=sys.stderr)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         raise SystemExit(130) from None

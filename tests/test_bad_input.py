@@ -8,12 +8,20 @@ from conftest import CLIP, DECODER, PRETRAIN, SHAPE, run
 
 
 @pytest.fixture(scope='module')
-def files(tmp_path_factory, pretrained):
+def files(tmp_path_factory, pretrained, list_videos):
     d = tmp_path_factory.mktemp('bad')
     (d / 'notes.txt').write_text('not a checkpoint\n')
     (d / 'empty.pth').write_bytes(b'')
     (d / 'a_file').write_text('x')
     torch.save({'model': {}, 'stage': 'finetune', 'config': {}}, d / 'classifier-run.pth')
+    half = d / 'half-broken'                     # a list dataset whose odd videos are garbage
+    half.mkdir()
+    lines = [f'{list_videos}/train{i}.avi {i % 2}' if i % 2 == 0 else f'{half}/bad{i}.avi 1'
+             for i in range(16)]
+    for i in range(1, 16, 2):
+        (half / f'bad{i}.avi').write_bytes(b'not a video' * 100)
+    (half / 'train.csv').write_text('\n'.join(lines) + '\n')
+    (half / 'test.csv').write_text(f'{list_videos}/test0.avi 0\n')
     clf = vmae.build_classifier('small', 4, **SHAPE, img_size=32, num_frames=4)
     torch.save({'model': clf.state_dict(), 'config': {'model': 'small', **SHAPE, **DECODER}},
                d / 'classifier.pth')
@@ -42,13 +50,15 @@ def cases(f, videos, pretrained, list_videos):
         'num_workers -1': ([*ft, '--num_workers', -1], 2, '--num_workers must be 0'),
         'batch_size 0': ([*ft, '--batch_size', 0], 2, '--batch_size must be at least 1'),
         'num_frames 7': ([*ft, '--num_frames', 7], 2, '--num_frames 7 is not divisible'),
+        'half the videos broken': ([*pre[:-2], '--output_dir', f / 'o2', '--data_path',
+                                    f / 'half-broken', '--epochs', 1], 1, '--max_failed_ratio'),
     }
 
 
 CASES = ['missing data_path', 'checkpoint of another size', 'classifier to --visualize',
          'text file to --predict', 'output_dir is a file', 'text file to --resume',
          'empty file to --resume', 'classifier run to --resume', 'input_size 0', 'num_workers -1',
-         'batch_size 0', 'num_frames 7']
+         'batch_size 0', 'num_frames 7', 'half the videos broken']
 
 
 @pytest.mark.slow

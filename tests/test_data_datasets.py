@@ -2,6 +2,7 @@
 syntax)."""
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -57,12 +58,12 @@ def test_ucf101_labels_come_from_classind_not_sorted_folders(ucf):
 
 
 def test_ucf101_errors_name_the_missing_file(ucf, tmp_path):
-    with pytest.raises(FileNotFoundError, match='trainlist02.txt'):
+    with pytest.raises(data.DataError, match='trainlist02.txt'):
         data.load_split('ucf101', str(ucf), 'train', fold=2)
-    with pytest.raises(FileNotFoundError, match='does not exist'):
+    with pytest.raises(data.DataError, match='does not exist'):
         data.load_split('ucf101', str(tmp_path / 'nowhere'), 'train')
     os.remove(ucf / 'ucfTrainTestlist/classInd.txt')
-    with pytest.raises(FileNotFoundError, match='classInd.txt'):
+    with pytest.raises(data.DataError, match='classInd.txt'):
         data.load_split('ucf101', str(ucf), 'train')
     with pytest.raises(ValueError, match="split must be"):
         data.load_split('ucf101', str(ucf), 'training')
@@ -73,11 +74,12 @@ def test_ucf101_errors_name_the_missing_file(ucf, tmp_path):
 def test_ucf101_unknown_class_in_split_file(ucf):
     with open(ucf / 'ucfTrainTestlist/trainlist01.txt', 'a') as f:
         f.write('Juggling/v_Juggling_g08_c01.avi 50\n')
-    with pytest.raises(ValueError, match="'Juggling'"):
+    with pytest.raises(data.DataError, match="'Juggling'"):
         data.load_split('ucf101', str(ucf), 'train')
 
 
-def test_hmdb51_split_tags(tmp_path):
+def hmdb_tree(videos, splits):
+    """HMDB51 class folders under `videos`, testTrainMulti_7030_splits/ under `splits`."""
     names = {'climb': ['(Rad)Schlag_die_Bank!_climb_f_cm_np1_le_med_0.avi',
                        'b_climb_u_nm_np1_ba_goo_0.avi', 'c_climb_u_nm_np1_ba_goo_1.avi'],
              'climb_stairs': ['x_climb_stairs_f_nm_np1_fr_med_0.avi',
@@ -85,16 +87,21 @@ def test_hmdb51_split_tags(tmp_path):
                               'z_climb_stairs_f_nm_np1_fr_med_2.avi']}
     for c, files in names.items():
         for f in files:
-            clip(tmp_path / c / f, w=40)
-        write(tmp_path / f'testTrainMulti_7030_splits/{c}_test_split1.txt',
+            clip(videos / c / f, w=40)
+        write(splits / f'testTrainMulti_7030_splits/{c}_test_split1.txt',
               ''.join(f'{f} {t} \n' for f, t in zip(files, (1, 2, 0))))
+    return names
+
+
+def test_hmdb51_split_tags(tmp_path):
+    names = hmdb_tree(tmp_path, tmp_path)
     train, classes = data.load_split('hmdb51', str(tmp_path), 'train')
     test, _ = data.load_split('hmdb51', str(tmp_path), 'test')
     assert classes == ['climb', 'climb_stairs']
     assert [(os.path.basename(p), y) for p, y in train] == [(names['climb'][0], 0),
                                                             (names['climb_stairs'][0], 1)]
     assert [os.path.basename(p) for p, _ in test] == [names['climb'][1], names['climb_stairs'][1]]
-    with pytest.raises(FileNotFoundError, match='_test_split2.txt'):
+    with pytest.raises(data.DataError, match='_test_split2.txt'):
         data.load_split('hmdb51', str(tmp_path), 'train', fold=2)
 
 
@@ -126,7 +133,7 @@ def test_k400_csv_and_clip_layouts(tmp_path, layout):
     val, _ = data.load_split('k400', str(tmp_path), 'val')
     assert [y for _, y in val] == [0]
     write(tmp_path / 'annotations/validate.csv', 'jumping,--33Lscn6sk,4,14\n')
-    with pytest.raises(ValueError, match="'jumping'"):
+    with pytest.raises(data.DataError, match="'jumping'"):
         data.load_split('k400', str(tmp_path), 'val')
 
 
@@ -156,7 +163,7 @@ def test_ssv2_templates_to_labels(tmp_path):
     assert data.decode_frames(samples[0][0], [0, 19]).shape == (2, 32, 32, 3)
     entries[0]['template'] = 'Holding [something] near [something]'
     write(tmp_path / 'labels/train.json', json.dumps(entries))
-    with pytest.raises(ValueError, match='near'):
+    with pytest.raises(data.DataError, match='near'):
         data.load_split('ssv2', str(tmp_path), 'train')
 
 
@@ -170,8 +177,118 @@ def test_official_list_files(tmp_path):
     assert len(classes) == 4
     assert data.load_split('list', str(tmp_path / 'lists/train.csv'), 'train')[0] == samples
     write(tmp_path / 'lists/val.csv', f'{tmp_path}/videos/a.mp4  0\n{tmp_path}/videos/b.avi\n')
-    with pytest.raises(ValueError, match=r'val.csv:2'):
+    with pytest.raises(data.DataError, match=r'val.csv:2'):
         data.load_split('list', str(tmp_path / 'lists'), 'val')
     write(tmp_path / 'lists/test.csv', '')
-    with pytest.raises(ValueError, match='empty'):
+    with pytest.raises(data.DataError, match='empty'):
         data.load_split('list', str(tmp_path / 'lists'), 'test')
+
+
+@pytest.mark.parametrize('folder', ['UCF101', 'videos'])
+def test_ucf101_renamed_video_folder_and_prefixed_lines(ucf, folder):
+    before, _ = data.load_split('ucf101', str(ucf), 'train')
+    os.rename(ucf / 'UCF-101', ucf / folder)
+    lines = (ucf / 'ucfTrainTestlist/trainlist01.txt').read_text().splitlines()
+    write(ucf / 'ucfTrainTestlist/trainlist01.txt', ''.join(  # Windows separators, path prefixes
+        f'{ln.replace("/", chr(92))}\r\n' if i % 2 else f'UCF-101/{ln}\n'
+        for i, ln in enumerate(lines)))
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # no clip missing
+        samples, _ = data.load_split('ucf101', str(ucf), 'train')
+    assert ([(os.path.relpath(p, ucf / folder), y) for p, y in samples]
+            == [(os.path.relpath(p, ucf / 'UCF-101'), y) for p, y in before])
+
+
+@pytest.mark.parametrize('layout', ['hmdb51_org', 'videos', 'splits in the parent'])
+def test_hmdb51_video_subfolder_and_split_folder_beside(tmp_path, layout):
+    root = tmp_path / 'hmdb51'
+    if layout == 'splits in the parent':
+        names = hmdb_tree(root, tmp_path)
+    else:
+        names = hmdb_tree(root / layout, root)
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        train, classes = data.load_split('hmdb51', str(root), 'train')
+    assert classes == ['climb', 'climb_stairs']
+    assert [(os.path.basename(p), y) for p, y in train] == [(names['climb'][0], 0),
+                                                            (names['climb_stairs'][0], 1)]
+    with pytest.raises(data.DataError, match='testTrainMulti_7030_splits'):  # two levels down
+        data.load_split('hmdb51', os.path.dirname(train[0][0]), 'train')
+
+
+K400_HEAD = 'label,youtube_id,time_start,time_end,split,is_cc\n'
+
+
+def test_k400_csv_columns_by_header_name(tmp_path):
+    clip(tmp_path / 'train/-3B32lodo2M_000059_000069.mp4')
+    clip(tmp_path / 'train/aaaaaaaaaaa_000000_000010.mp4')
+    clip(tmp_path / 'val/bbbbbbbbbbb_000002_000012.mp4')
+    write(tmp_path / 'annotations/train.csv',  # the columns in another order
+          'youtube_id,split,time_start,time_end,is_cc,label\n-3B32lodo2M,train,59,69,0,abseiling\n'
+          'aaaaaaaaaaa,train,0,10,0,"tying knot (not on a tie)"\n')
+    write(tmp_path / 'annotations/val.csv', '"tying knot (not on a tie)",bbbbbbbbbbb,2,12,val\n')
+    samples, classes = data.load_split('k400', str(tmp_path), 'train')
+    assert classes == ['abseiling', 'tying knot (not on a tie)']
+    assert [(os.path.basename(p), y) for p, y in samples] == [
+        ('-3B32lodo2M_000059_000069.mp4', 0), ('aaaaaaaaaaa_000000_000010.mp4', 1)]
+    assert [y for _, y in data.load_split('k400', str(tmp_path), 'val')[0]] == [1]  # 5, no header
+    write(tmp_path / 'annotations/train.csv', 'youtube_id,time_start,time_end,split\n'
+          '-3B32lodo2M,59,69,train\n')  # the old test.csv columns: no label
+    with pytest.raises(data.DataError, match="train.csv: no column .'label'."):
+        data.load_split('k400', str(tmp_path), 'train')
+
+
+@pytest.mark.parametrize('folder', ['validate', 'valid'])
+def test_k400_validation_folder_names(tmp_path, folder):
+    write(tmp_path / 'annotations/train.csv', K400_HEAD + 'abseiling,-3B32lodo2M,59,69,train,0\n')
+    write(tmp_path / 'annotations/validate.csv', K400_HEAD + 'abseiling,ccccccccccc,1,11,val,0\n')
+    clip(tmp_path / folder / 'abseiling/ccccccccccc_000001_000011.mp4')
+    val, classes = data.load_split('k400', str(tmp_path), 'val')
+    assert val == [(str(tmp_path / folder / 'abseiling/ccccccccccc_000001_000011.mp4'), 0)]
+
+
+def test_k400_opendatalab_flat_copy(tmp_path):
+    # the copy VideoMAE used: every clip right under the root, named by its youtube id only
+    write(tmp_path / 'annotations/train.csv',
+          K400_HEAD + 'abseiling,-3B32lodo2M,59,69,train,0\nzumba,aaaaaaaaaaa,0,10,train,0\n')
+    write(tmp_path / 'annotations/val.csv', K400_HEAD + 'zumba,ccccccccccc,1,11,val,0\n')
+    for yid in ('-3B32lodo2M', 'aaaaaaaaaaa', 'ccccccccccc'):
+        clip(tmp_path / f'{yid}.mp4')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        train, _ = data.load_split('k400', str(tmp_path), 'train')
+        val, _ = data.load_split('k400', str(tmp_path), 'test')
+    assert train == [(str(tmp_path / '-3B32lodo2M.mp4'), 0), (str(tmp_path / 'aaaaaaaaaaa.mp4'), 1)]
+    assert val == [(str(tmp_path / 'ccccccccccc.mp4'), 1)]
+
+
+def test_k400_val_without_train_csv_takes_classes_from_its_own_labels(tmp_path):
+    write(tmp_path / 'kinetics400/validate.csv', K400_HEAD + 'zumba,ccccccccccc,1,11,val,0\n'
+          '"air drumming",_dbcJuKJQNs,40,50,val,0\n')
+    clip(tmp_path / 'val/zumba/ccccccccccc_000001_000011.mp4')
+    clip(tmp_path / 'val/air_drumming/_dbcJuKJQNs_000040_000050.mp4')
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')
+        val, classes = data.load_split('k400', str(tmp_path), 'val')
+    assert classes == ['air drumming', 'zumba'] and [y for _, y in val] == [1, 0]
+    with pytest.raises(data.DataError, match='Kinetics train.csv not found'):
+        data.load_split('k400', str(tmp_path), 'train')
+
+
+@pytest.mark.parametrize('where,prefix', [('', ''), ('labels', 'something-something-v2-'),
+                                          ('', 'something-something-v2-')])
+def test_ssv2_label_files_in_root_and_old_names(tmp_path, where, prefix):
+    labels = {'Holding something next to something': '19',
+              'Something falling like a feather or paper': '10'}
+    entries = [{'id': '78687', 'template': 'Holding [something] next to [something]'},
+               {'id': '36585', 'template': '[Something] falling like a feather or paper'}]
+    for name, obj in (('labels', labels), ('train', entries), ('validation', entries[1:])):
+        write(tmp_path / where / f'{prefix}{name}.json', json.dumps(obj))
+    for e in entries:
+        clip(tmp_path / f'20bn-something-something-v2/{e["id"]}.webm')
+    samples, classes = data.load_split('ssv2', str(tmp_path), 'train')
+    assert [y for _, y in samples] == [19, 10] and len(classes) == 20
+    assert data.load_split('ssv2', str(tmp_path), 'val')[0] == samples[1:]
+    os.remove(tmp_path / where / f'{prefix}train.json')
+    with pytest.raises(data.DataError, match='something-something-v2-train.json'):
+        data.load_split('ssv2', str(tmp_path), 'train')

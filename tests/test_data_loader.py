@@ -109,8 +109,27 @@ def test_unreadable_videos_are_replaced_counted_and_reported(synth, tmp_path):
     log.update([ds[(0, 0)]['failed'], ''])
     assert log.end_epoch(100) == 1  # 1 % : reported
     log.update(['a.avi', 'b.avi\nc.avi'])
-    with pytest.raises(RuntimeError, match='a.avi'):
+    with pytest.raises(data.DataError, match='a.avi'):
         log.end_epoch(20)
+
+
+def test_failure_log_stop_names_the_flag_that_sets_it():
+    log = data.FailureLog(max_ratio=0.1)
+    log.update(['x.avi', ''])
+    assert log.end_epoch(10) == 1  # 10 %: not more than the ratio, reported
+    log.update(['x.avi', 'y.avi'])
+    with pytest.raises(data.DataError, match='--max_failed_ratio') as e:
+        log.end_epoch(10)
+    assert e.value.user_error and 'x.avi' in str(e.value) and '--data_path' in str(e.value)
+
+
+def test_a_dataset_of_undecodable_videos_is_a_data_error(tmp_path):
+    bad = tmp_path / 'bad.avi'
+    bad.write_text('not a video\n')
+    ds = data.VideoDataset([(str(bad), 0)], mode='val', num_frames=4, input_size=32,
+                           max_retries=2)
+    with pytest.warns(UserWarning), pytest.raises(data.DataError, match='3 videos in a row'):
+        ds[0]
 
 
 def test_loader_resume_and_worker_independence(synth):
