@@ -71,12 +71,16 @@ def bench_data(args):
     torch.set_num_threads(1)  # one DataLoader worker = one op thread (as make_loader's workers)
     T, stride, size = args.num_frames, args.sampling_rate, args.input_size
     ours = data.decode_frames  # k: augmented clips per decode (0: decode only, counted as 1 clip)
-    configs = [('naive', naive_read, 1), ('ours', ours, 1), ('ours', ours, 2), ('ours', ours, 4),
-               ('ours, 1 decode thread', lambda p, i: ours(p, i, threads=1), 1),
-               ('ours, decode only', ours, 0), ('naive, decode only', naive_read, 0)]
+    # (label, reader, k, windows): k clips of one window (pretrain.py --num_sample, V2), or one
+    # clip from each of several windows of one decode (mae_st's --repeat_aug)
+    configs = [('naive', naive_read, 1, 1), ('ours', ours, 1, 1), ('ours', ours, 2, 1),
+               ('ours', ours, 4, 1), ('ours, 2 windows', ours, 1, 2),
+               ('ours, 4 windows', ours, 1, 4),
+               ('ours, 1 decode thread', lambda p, i: ours(p, i, threads=1), 1, 1),
+               ('ours, decode only', ours, 0, 1), ('naive, decode only', naive_read, 0, 1)]
     row = table(f'data: decode + augment, one worker ({T} frames at stride {stride}, '
                 f'MultiScaleCrop to {size})',
-                'video | reader | clips per decode (k) | ms per decode+augment | clips/s')
+                'video | reader | clips per decode | ms per decode+augment | clips/s')
     for name, n, h, w, fps, gop in [
             ('Kinetics-like 340x256 H.264 MP4, 30 fps, 10 s, GOP 250', 300, 256, 340, 30, 250),
             ('UCF101-like 320x240 MPEG-4 AVI, 25 fps, 7 s, GOP 12', 175, 240, 320, 25, 12)]:
@@ -85,28 +89,36 @@ def bench_data(args):
             data.encode_video(path, _moving_texture(n, h, w), fps=fps, gop=gop)
             starts = np.random.default_rng(0).integers(0, n - T * stride + 1, 1000).tolist()
 
-            def run(reader, k):
-                s = starts.pop()
-                frames = reader(path, [s + j * stride for j in range(T)]).permute(0, 3, 1, 2)
-                for _ in range(k):
-                    data.train_augment(frames, size, crop='multiscale')
+            def run(reader, k, windows):
+                idx = [s + j * stride for s in sorted(starts.pop() for _ in range(windows))
+                       for j in range(T)]
+                frames = reader(path, idx).permute(0, 3, 1, 2)
+                for clip in frames.split(T):
+                    for _ in range(k):
+                        data.train_augment(clip, size, crop='multiscale')
             sec = {}
-            for label, reader, k in configs:
-                sec[label, k] = dt = timed(lambda: run(reader, k), args.repeats)
-                row(name, label, max(k, 1), f'{dt * 1000:.1f}', f'{max(k, 1) / dt:.1f}')
+            for label, reader, k, win in configs:
+                sec[label, k] = dt = timed(lambda: run(reader, k, win), args.repeats)
+                clips = max(k, 1) * win
+                row(name, label, clips, f'{dt * 1000:.1f}', f'{clips / dt:.1f}')
         row(name, f'**ours / naive = {sec["naive", 1] / sec["ours", 1]:.1f}x** (k = 1)', '', '', '')
+        row(name, f'decoding cores one GPU at {args.model_rate} clips/s needs: ' + ', '.join(
+            f'k={k} {args.model_rate * sec["ours", k] / k:.0f}' for k in (1, 2, 4)), '', '', '')
 
 
 # ---- model / train (the pre-training step; owner of this section: pretrain.py) -------------------
-def pretrain_flops(cfg, T, S, ratio, batch):
+def pretrain_flops(cfg, T, S, ratio, batch, decoder_ratio=0.0):
     """Analytic matmul FLOPs of a training step (3 x forward): cube embedding (visible cubes), qkv,
-    QK^T, AV, proj, MLP of encoder (visible) and decoder (all tokens), encoder_to_decoder, head."""
+    QK^T, AV, proj, MLP of encoder (visible) and decoder (visible + mask tokens),
+    encoder_to_decoder, head (mask tokens: the masked cubes, or with dual masking the cubes the
+    running cell keeps)."""
     t, p, r = cfg['tubelet_size'], cfg['patch_size'], cfg['mlp_ratio']
     N, Nm = T // t * (S // p) ** 2, T // t * int(ratio * (S // p) ** 2)
     Nv, P, D, Dd = N - Nm, 3 * t * p * p, cfg['embed_dim'], cfg['decoder_embed_dim']
+    Nm = N - N * int(4 * decoder_ratio) // 4 if decoder_ratio else Nm        # mask tokens
     block = lambda n, d: 2 * n * d * 4 * d + 4 * n * n * d + 2 * n * d * 2 * int(r * d)
     return 3 * batch * (2 * Nv * P * D + cfg['depth'] * block(Nv, D) + 2 * Nv * D * Dd
-                        + cfg['decoder_depth'] * block(N, Dd) + 2 * Nm * Dd * P)
+                        + cfg['decoder_depth'] * block(Nv + Nm, Dd) + 2 * Nm * Dd * P)
 
 
 def peak_memory(device):
@@ -122,17 +134,22 @@ def peak_memory(device):
     return mb
 
 
-def pretrain_step_fn(net, batch, T, S, ratio, precision='fp32', device=torch.device('cpu')):
-    """-> a step as pretrain.py's: mask on the device, autocast forward, loss, backward, AdamW."""
+def pretrain_step_fn(net, batch, T, S, ratio, precision='fp32', device=torch.device('cpu'),
+                     decoder_ratio=0.0):
+    """-> a step as pretrain.py's: masks on the device, autocast forward, loss, backward, AdamW."""
     video = torch.randn(batch, 3, T, S, S, device=device)
     opt = utils.make_adamw(utils.param_groups(net, 0.05), 1e-4, (0.9, 0.95), device)
     g = torch.Generator(device=device).manual_seed(0)
 
     def step():
-        mask = masking.tube_masking(batch, net.grid(video.shape), ratio, generator=g, device=device)
+        grid = net.grid(video.shape)
+        mask = masking.tube_masking(batch, grid, ratio, generator=g, device=device)
+        drop = masking.running_cell_masking(batch, grid, decoder_ratio, g, device) \
+            if decoder_ratio else None
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=precision == 'bf16'):
-            pred = net(video, mask)
-        model.pretrain_loss(pred, video, mask, net.patch_size, net.tubelet_size).backward()
+            pred = net(video, mask, drop)
+        model.pretrain_loss(pred, video, mask, net.patch_size, net.tubelet_size,
+                            decoder_mask=drop).backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
         if device.type == 'cuda':
@@ -151,22 +168,24 @@ def bench_model(args):
     explicit = lambda q, k, v: ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
     row = table(f'model: one pre-training step (forward, loss, backward, AdamW), {T}x{S}x{S}, '
                 f'tube ratio {ratio}, batch {B}, {device}', 'model | precision | attention | '
+                'decoder mask | '
                 's / step | clips/s | GFLOP / step | GFLOP/s | % of matmul peak | peak RSS MB',
                 f'\nmeasured matmul peak (4096^2): fp32 {peaks["fp32"]:.1f} GFLOP/s, bf16 '
                 f'{peaks["bf16"]:.1f} GFLOP/s' if peaks else '')
     sdpa = F.scaled_dot_product_attention  # model.Attention looks F.<this> up at each call
     for size in args.sizes:
         for precision in args.precisions:
-            for attention, F.scaled_dot_product_attention in (('sdpa', sdpa),
-                                                              ('explicit', explicit)):
+            for attention, R in [(a, R) for a in args.attentions for R in args.decoder_mask_ratios]:
+                F.scaled_dot_product_attention = sdpa if attention == 'sdpa' else explicit
                 torch.manual_seed(0)
                 peak_memory(device)  # restart the peak
                 net = model.build_pretrain(size, img_size=S, num_frames=T).to(device)
-                sec = timed(pretrain_step_fn(net, B, T, S, ratio, precision, device), args.repeats)
-                flops = pretrain_flops(net.config, T, S, ratio, B)
+                sec = timed(pretrain_step_fn(net, B, T, S, ratio, precision, device, R),
+                            args.repeats)
+                flops = pretrain_flops(net.config, T, S, ratio, B, R)
                 rate = flops / sec / 1e9
                 frac = f'{100 * rate / peaks[precision]:.0f}%' if precision in peaks else ''
-                row(size, precision, attention, f'{sec:.3f}', f'{B / sec:.2f}',
+                row(size, precision, attention, R, f'{sec:.3f}', f'{B / sec:.2f}',
                     f'{flops / 1e9:.1f}', f'{rate:.1f}', frac, peak_memory(device))
                 del net
     F.scaled_dot_product_attention = sdpa
@@ -209,8 +228,10 @@ def main():
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest='section', required=True)
     for fn, flags in [  # flag: default (a list: one or more; repeats: timed runs, the median)
-            (bench_data, dict(num_frames=16, sampling_rate=4, input_size=224, repeats=12)),
+            (bench_data, dict(num_frames=16, sampling_rate=4, input_size=224, repeats=12,
+                              model_rate=1000)),
             (bench_model, dict(sizes=['small', 'base'], precisions=['fp32', 'bf16'], device='cpu',
+                               attentions=['sdpa', 'explicit'], decoder_mask_ratios=[0.0],
                                num_frames=16, input_size=224, mask_ratio=0.9, batch_size=1,
                                repeats=3, profile=False)),
             (bench_train, dict(workers=[0, 2], steps=10, repeats=5))]:

@@ -2,6 +2,7 @@
 transforms."""
 import json
 import os
+import random
 
 import numpy as np
 import pytest
@@ -77,6 +78,20 @@ def test_aia_json_boxes_are_pixels_xywh_mapped_through_the_coco_images(tmp_path)
 def numbered_frames(n, H=16, W=24):
     """Frame i is a flat grey of level 2*i, so the decoded level tells which frame came back."""
     return np.stack([np.full((H, W, 3), 2 * i, np.uint8) for i in range(n)])
+
+
+def test_frame_list_rows_are_grouped_per_video_in_frame_id_order(tmp_path):
+    """One pass over a shuffled frame list gives every video its frames by frame id, not by row
+    order or path name (f10.jpg sorts before f9.jpg). Real AVA lists ~8 M rows over 299 movies."""
+    vids = [VID, '1j20qq1JyX4', 'zlVkeKC6Ha8']
+    rows = [f'{v} {k} {i} {v}/f{i}.jpg ""' for k, v in enumerate(vids) for i in range(1500)]
+    random.Random(0).shuffle(rows)
+    write(tmp_path / 'train.csv', '\n'.join(['original_vido_id video_id frame_id path labels',
+                                            *rows]) + '\n')
+    src = FrameFolder(str(tmp_path / 'frames'), [str(tmp_path / 'train.csv')])
+    assert sorted(src.paths) == sorted(vids)
+    for v in vids:
+        assert src.paths[v] == [str(tmp_path / 'frames' / v / f'f{i}.jpg') for i in range(1500)]
 
 
 def test_slowfast_frames_and_videos_give_the_frames_around_the_keyframe(tmp_path):
