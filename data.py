@@ -127,8 +127,7 @@ def encode_video(path, frames, fps=25, codec=None, gop=12, bit_rate=None):
     frames = np.asarray(frames, dtype=np.uint8)
     with av.open(path, 'w') as out:
         s = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        s.height, s.width = frames.shape[1:3]
-        s.pix_fmt, s.codec_context.gop_size = 'yuv420p', gop
+        s.height, s.width, s.pix_fmt, s.codec_context.gop_size = *frames.shape[1:3], 'yuv420p', gop
         if codec == 'mpeg4':  # MPEG-4 at a bit rate; H.264 and VP9 at a constant quality (crf)
             s.codec_tag = 'XVID'
             s.codec_context.bit_rate = bit_rate or 8 * frames.shape[1] * frames.shape[2] * int(fps)
@@ -151,10 +150,9 @@ def dense_indices(num_frames, T, stride, *, random=True, clips=1):
     max_start = max(num_frames - T * stride, 0)
     if random:
         starts = [int(torch.randint(0, max_start + 1, ()).item()) for _ in range(clips)]
-    elif clips == 1:
-        starts = [max_start // 2]
-    else:
-        starts = [int(round(c * max_start / (clips - 1))) for c in range(clips)]
+    else:  # evenly spread; one clip: the centre
+        starts = ([max_start // 2] if clips == 1 else
+                  [int(round(c * max_start / (clips - 1))) for c in range(clips)])
     return [[min(s + k * stride, num_frames - 1) for k in range(T)] for s in starts]
 
 
@@ -209,8 +207,7 @@ def train_augment(clip, size, *, crop='multiscale', flip=False, randaug=None, ra
         i, j, h, w = T1.RandomResizedCrop.get_params(clip[0], scale=(0.08, 1.0),
                                                      ratio=(3 / 4, 4 / 3))
     elif crop == 'center':
-        h = w = min(H, W)
-        i, j = (H - h) // 2, (W - w) // 2
+        i, j, h, w = (H - min(H, W)) // 2, (W - min(H, W)) // 2, min(H, W), min(H, W)
     else:
         raise ValueError(f"crop must be 'multiscale', 'resized' or 'center', got {crop!r}")
     clip = TF.resize(clip[..., i:i + h, j:j + w], [size, size], antialias=True)  # bilinear, once
@@ -234,10 +231,8 @@ def test_views(clip, size, short_side, crops):
     """(T, 3, H, W) -> `crops` views (T, 3, size, size): the short side resized to `short_side`,
     squares spread along the long side (left/centre/right or top/centre/bottom)."""
     H, W = clip.shape[-2:]
-    if H <= W:
-        nh, nw = short_side, max(short_side, int(short_side * W / H))
-    else:
-        nh, nw = max(short_side, int(short_side * H / W)), short_side
+    long = max(short_side, int(short_side * max(H, W) / min(H, W)))
+    nh, nw = (short_side, long) if H <= W else (long, short_side)
     if (nh, nw) != (H, W):
         clip = TF.resize(clip, [nh, nw], antialias=True)
     long_free, short_free = max(nh, nw) - size, min(nh, nw) - size
@@ -286,19 +281,16 @@ class VideoDataset(torch.utils.data.Dataset):
         train = self.mode == 'train'
 
         def choose(n):  # called once the frame count is known, so a video is opened once
-            k = 1 if train else self.clips
-            if self.sampling == 'dense':
-                clips = dense_indices(n, self.T, self.stride, random=train, clips=k)
-            else:
-                clips = segment_indices(n, self.T, random=train, clips=k)
+            kw = dict(random=train, clips=1 if train else self.clips)
+            clips = (dense_indices(n, self.T, self.stride, **kw) if self.sampling == 'dense'
+                     else segment_indices(n, self.T, **kw))
             return [i for c in clips * (self.clips if train else 1) for i in c]
 
         views = []
         for clip in decode_frames(path, choose, tail_slack=3).permute(0, 3, 1, 2).split(self.T):
             if train:  # clip: (T, 3, H, W)
-                views.append(train_augment(clip, self.size, crop=self.crop, flip=self.flip,
-                                           randaug=self.randaug,
-                                           random_erasing=self.random_erasing))
+                views += [train_augment(clip, self.size, crop=self.crop, flip=self.flip,
+                                        randaug=self.randaug, random_erasing=self.random_erasing)]
             else:
                 views += test_views(clip, self.size, self.short_side, self.crops)
         return torch.stack(views).permute(0, 2, 1, 3, 4).contiguous()  # (V, 3, T, S, S)
@@ -376,13 +368,12 @@ def make_loader(dataset, batch_size, *, train, num_workers, seed=0, collate_fn=N
     """DataLoader over an EpochSampler (shuffled, last partial batch dropped when train): batches
     of video (B, V, 3, T, S, S) uint8, label (B,), index (B,), failed. Its own generator draws the
     workers' seeds: from the global RNG, the draw would shift all later drop path on resume."""
-    workers = num_workers > 0
     return torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, sampler=EpochSampler(dataset, shuffle=train, seed=seed),
-        num_workers=num_workers, pin_memory=torch.cuda.is_available(),
-        drop_last=train, persistent_workers=workers,
-        prefetch_factor=4 if workers else None, worker_init_fn=_worker_init if workers else None,
-        collate_fn=collate_fn, generator=torch.Generator().manual_seed(seed))
+        num_workers=num_workers, pin_memory=torch.cuda.is_available(), drop_last=train,
+        persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None,
+        worker_init_fn=_worker_init if num_workers else None, collate_fn=collate_fn,
+        generator=torch.Generator().manual_seed(seed))
 
 
 # -- 6. Dataset readers, in the layouts users download (datasets.md) -------------------------------
@@ -392,22 +383,19 @@ def _lines(path):
         return [ln.strip() for ln in f if ln.strip()]
 
 
-def _find(what, hint, *candidates):
-    """The first of `candidates` that exists, else a DataError naming them and the fix."""
+def _find(what, hint, *candidates):  # the first that exists, else a DataError naming all + hint
     for c in candidates:
         if os.path.exists(c):
             return c
     raise DataError(f'{what} not found (looked for {", ".join(candidates)}): {hint}')
 
 
-def _videos(folder):
-    """{file stem: path} of the videos under `folder`, flat or in sub-folders."""
+def _videos(folder):  # {file stem: path} of the videos under `folder`, flat or in sub-folders
     return {os.path.splitext(f)[0]: os.path.join(d, f) for d, _, files in
             os.walk(folder, followlinks=True) for f in files if f.lower().endswith(VIDEO_EXTS)}
 
 
-def _load_ucf101(root, split, fold):
-    # root holds UCF-101/ (or UCF101/, videos/) and ucfTrainTestlist/, or is the video folder
+def _load_ucf101(root, split, fold):  # root holds UCF-101/ and ucfTrainTestlist/, or is UCF-101/
     vids = _find('', '', *(os.path.join(root, d) for d in ('UCF-101', 'UCF101', 'videos')), root)
     cls_file = _find('UCF101 classInd.txt', 'unpack UCF101TrainTestSplits-RecognitionTask.zip '
                      'next to UCF-101/', *(os.path.join(d, 'ucfTrainTestlist', 'classInd.txt')
@@ -500,9 +488,8 @@ def _load_ssv2(root, split, _fold):
     return samples, classes, ann
 
 
-def _load_list(path, split, _fold):
-    # official list files, '<video path> <label>' lines (paths relative to the list's folder);
-    # path: one, or the folder of train.csv, val.csv and test.csv ('val' falls back to test.csv)
+def _load_list(path, split, _fold):  # official list files: '<video path> <label>' lines, paths
+    # relative to the list's folder; path: one, or the folder of train.csv, val.csv and test.csv
     if os.path.isdir(path):
         names = [f'{split}.csv'] + (['test.csv'] if split == 'val' else [])
         path = _find(f'list file {split}.csv', 'write one "<video path> <integer label>" a line',
@@ -517,11 +504,35 @@ def _load_list(path, split, _fold):
     return samples, [str(i) for i in range(max((y for _, y in samples), default=-1) + 1)], path
 
 
+def _load_folder(root, split, _fold):  # ImageFolder's layout: root/{train,val|test}/<class>/
+    hint = 'make one sub-folder of videos per class in <data_path>/train/ and val/ (or test/)'
+    sub = lambda x: sorted(c for c in next(os.walk(x), (x, []))[1] if c[0] != '.')  # not .git/
+    classes = sub(train := _find('folder train/', hint, os.path.join(root, 'train')))
+    d = train if split == 'train' else _find('folder val/ or test/', hint,
+                                             *(os.path.join(root, s) for s in ('val', 'test')))
+    if not classes or not sub(d):
+        raise DataError(f'{d if classes else train}: no class sub-folders in it: {hint}')
+    samples, skipped, exts = [], [], '/'.join(VIDEO_EXTS)
+    for c, cd in ((c, os.path.join(d, c)) for c in sub(d)):
+        files = sorted(os.path.join(w, f) for w, _, fs in os.walk(cd, followlinks=True)
+                       for f in fs if not f.startswith('.'))  # .DS_Store, ._clip.mp4 (macOS)
+        vids = [f for f in files if f.lower().endswith(VIDEO_EXTS)]
+        if c not in classes or not vids:
+            raise DataError(f'{cd}: ' + (f'no video file ({exts}) in this class folder (its files: '
+                            f'{files[:3] or "none"}): add videos or remove it' if c in classes else
+                            f'class {c!r} is not in {train}: rename it or add {c}/ there'))
+        samples += zip(vids, [classes.index(c)] * len(vids))
+        skipped += sorted(set(files) - set(vids))
+    if skipped:
+        warnings.warn(f'{d}: skipping {len(skipped)} file(s) not ending in {exts}: {skipped[:3]}')
+    return samples, classes, d
+
+
 def load_split(dataset, data_path, split, fold=1):
     """-> (samples [(path, label)] of the videos on disk, classes [name]). split: train, val or test
     (the same where a dataset has one evaluation split)."""
     readers = dict(ucf101=_load_ucf101, hmdb51=_load_hmdb51, k400=_load_k400, ssv2=_load_ssv2,
-                   list=_load_list)
+                   list=_load_list, folder=_load_folder)
     if split not in ('train', 'val', 'test'):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if dataset == 'synthetic':  # the built-in motion set, in the UCF101 layout

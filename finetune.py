@@ -13,6 +13,8 @@ training, the § B multi-view protocol at the end), prediction, main(). Flags le
 order: the resumed checkpoint's config, the --finetune checkpoint's model shape, the recipe row.
 """
 import argparse
+import csv
+import math
 import os
 
 import torch
@@ -71,8 +73,8 @@ SCRATCH = {'ssv2': dict(epochs=100), 'k400': dict(epochs=200)}
 
 
 def recipe(cfg):
-    """The row of --dataset and --model; your own list file takes the K400 row."""
-    dataset = 'k400' if cfg['dataset'] == 'list' else cfg['dataset']
+    """The row of --dataset and --model; your own list file or class folders take the K400 row."""
+    dataset = 'k400' if cfg['dataset'] in ('list', 'folder') else cfg['dataset']
     size = cfg['model'] or RECIPES.get(dataset, {}).get('model', 'base')
     row = dict(RECIPES.get(f'{dataset}-{size}') or RECIPES[dataset], model=size)
     return row if cfg['finetune'] else dict(row, **SCRATCH.get(dataset, {}), layer_decay=1.0)
@@ -83,7 +85,7 @@ def build_parser():
         return f'{text} ({utils.recipe_help(RECIPES, key)})'
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    utils.add_data_flags(p, RECIPES, ['synthetic', 'ucf101', 'hmdb51', 'k400', 'ssv2', 'list'])
+    utils.add_data_flags(p, RECIPES, 'synthetic ucf101 hmdb51 k400 ssv2 list folder'.split())
     g = utils.add_shape_flags(p, RECIPES)
     g.add_argument('--finetune',
                    help='weights to start from: a pre-training checkpoint (ours or official); '
@@ -246,10 +248,26 @@ def predict(cfg, d, model, classes, autocast):
                                    for q, c in zip(p.tolist(), i.tolist())))
 
 
+def compare_per_class(csv_a, csv_b, margin=5.0):
+    """--compare: classes where A beats B (and B beats A) by more than margin points (appendix
+    Figs. 7, 8), from two test-per-class.csv files."""
+    def read(p):
+        with open(p, newline='') as f:
+            return {r['class']: float(r['top1']) for r in csv.DictReader(f)}
+    a, b = read(csv_a), read(csv_b)
+    common = [c for c in a if c in b and not (math.isnan(a[c]) or math.isnan(b[c]))]
+    lines = [f'{len(common)} classes in both; margin {margin} points']
+    for name, x, y in ((csv_a, a, b), (csv_b, b, a)):
+        wins = sorted(((x[c] - y[c], c) for c in common if x[c] - y[c] > margin), reverse=True)
+        lines.append(f'{"A" if x is a else "B"} ({name}) better on {len(wins)}:')
+        lines += [f'  {c:<40} +{d:5.1f}  ({x[c]:.1f} vs {y[c]:.1f})' for d, c in wins]
+    return '\n'.join(lines)
+
+
 def main(argv=None):
     cfg = resolve(argv)
     if cfg['compare']:
-        return print(utils.compare_per_class(*cfg['compare'], margin=cfg['margin']))
+        return print(compare_per_class(*cfg['compare'], margin=cfg['margin']))
     for f in cfg['predict'] or ():
         if not os.path.isfile(f):
             raise SystemExit(f'error: --predict {f}: no such file')

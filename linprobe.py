@@ -37,6 +37,7 @@ RECIPES = {
     'ucf101': TABLE11,
     'hmdb51': dict(TABLE11, sampling_rate=2, test_clips=10),
     'list': TABLE11,
+    'folder': TABLE11,
     # Not in the paper: pretrain.py's tiny synthetic model on CPU. Table 11 except a batch the 320
     # training videos can fill (lr scaled with it) and one test crop (square frames). Table 11's 100
     # epochs are kept: fewer give the head too few SGD steps to leave chance, whatever the encoder.

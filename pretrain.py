@@ -40,6 +40,7 @@ RECIPES = {
     'ucf101': dict(SECTION_B, sampling_rate=4, epochs=3200),      # § B
     'hmdb51': dict(SECTION_B, sampling_rate=2, epochs=4800),      # § B
     'list': dict(TABLE9, sampling_rate=4),                        # your own list file: the K400 row
+    'folder': dict(TABLE9, sampling_rate=4),  # class folders (ImageFolder layout): the K400 row
     # Not in the paper: a tiny ViT (128 x 4, decoder 192 x 1) on 8 frames of 64x64 with 8x8 patches
     # (256 cubes), so the run fits a laptop CPU. Each setting is measured (README, "results"):
     # - a decoder wider than the encoder: 1-D sine positions at 96 wide are too coarse for the

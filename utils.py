@@ -2,7 +2,7 @@
 
 Only what two or more stages need and that is not the method itself. A stage's loop reads:
 
-    run = utils.start(cfg, 'finetune', model, optimizer, loader, classes)  # DDP, amp, resume, logs
+    run = utils.start(cfg, 'finetune', d, model, opt, loader, classes, failures)  # amp, resume, DDP
     for epoch in range(run.start_epoch, cfg['epochs']):
         for step in utils.steps(run, epoch):           # pre-emption: save mid-epoch, exit 0
             utils.train_step(run, loss_of)             # lr, accumulation, autocast, clip, step, log
@@ -66,50 +66,44 @@ def recipe_help(table, key):
 
 
 def add_common_flags(p, recipes):
-    """The flags every stage has, with the same names (the official scripts' where they exist);
-    the optimiser's own (--opt_betas, --layer_decay, --momentum) where the recipes set them."""
+    """The flags every stage has, named as the official scripts' where they exist; the optimiser's
+    own (--opt_betas, --layer_decay, --momentum) only where the recipes set them."""
     def r(key, text):
         return f'{text} ({recipe_help(recipes, key) or "no recipe default"})'
-    g = p.add_argument_group('optimisation (recipe defaults)')
+    add = p.add_argument_group('optimisation (recipe defaults)').add_argument
     has = {k for row in recipes.values() for k in row}
     if 'opt_betas' in has:
-        g.add_argument('--opt_betas', '--betas', type=float, nargs=2,
-                       help=r('opt_betas', 'AdamW betas'))
+        add('--opt_betas', '--betas', type=float, nargs=2, help=r('opt_betas', 'AdamW betas'))
     if 'layer_decay' in has:
-        g.add_argument('--layer_decay', type=float,
-                       help=r('layer_decay', 'layer-wise lr decay; 1 = off'))
+        add('--layer_decay', type=float, help=r('layer_decay', 'layer-wise lr decay; 1 = off'))
     if 'momentum' in has:
-        g.add_argument('--momentum', type=float, help=r('momentum', 'SGD momentum'))
-    g.add_argument('--epochs', type=int, help=r('epochs', 'epochs; the cosine spans all of them'))
-    g.add_argument('--warmup_epochs', type=int, help=r('warmup_epochs', 'linear warm-up from 0'))
-    g.add_argument('--lr', type=float, help=r('lr', 'BASE lr: the peak is lr x total_batch / 256'))
-    g.add_argument('--min_lr', type=float,
-                   help=r('min_lr', 'final lr of the cosine, scaled like --lr'))
-    g.add_argument('--weight_decay', type=float, help=r('weight_decay', 'weight decay'))
-    g.add_argument('--total_batch', type=int, help=r('total_batch', 'clips per optimiser step, all '
-                   'processes; reached by gradient accumulation'))
-    g.add_argument('--batch_size', type=int, help=r('batch_size', 'clips per process and forward; '
-                   'unset: the largest that splits --total_batch over the processes'))
-    g.add_argument('--clip_grad', type=float,
-                   help='clip the gradient norm (the recipes do not clip)')
-    g = p.add_argument_group('run')
-    g.add_argument('--output_dir',
-                   help='checkpoints, log.jsonl, config.json (default runs/<stage>-..)')
-    g.add_argument('--resume', default='auto', help="'auto' (default): the latest checkpoint in "
-                   "--output_dir; a path; '' to start fresh")
-    g.add_argument('--save_ckpt_freq', type=int, help=r('save_ckpt_freq', "keep every N-th epoch's "
-                   'checkpoint; the latest is always kept'))
-    g.add_argument('--num_workers', type=int,
-                   help=r('num_workers', 'decoding processes per process'))
-    g.add_argument('--max_failed_ratio', type=float, default=0.05, help='stop when more than this '
-                   "share of an epoch's videos cannot be decoded (default 0.05; below it they are "
-                   'replaced, counted and reported)')
-    g.add_argument('--seed', type=int, default=0, help='init, sampling, augmentation (default 0)')
-    g.add_argument('--device', default='auto', help='auto (a GPU if there is one), cpu or cuda')
-    g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
-                   help='auto: bf16 on GPUs that have it, else fp16 + loss scaling; fp32 on CPU')
-    g.add_argument('--compile', action='store_true', help='torch.compile the model (long runs)')
-    g.add_argument('--log_dir', help='also write TensorBoard curves here (needs `tensorboard`)')
+        add('--momentum', type=float, help=r('momentum', 'SGD momentum'))
+    add('--epochs', type=int, help=r('epochs', 'epochs; the cosine spans all of them'))
+    add('--warmup_epochs', type=int, help=r('warmup_epochs', 'linear warm-up from 0'))
+    add('--lr', type=float, help=r('lr', 'BASE lr: the peak is lr x total_batch / 256'))
+    add('--min_lr', type=float, help=r('min_lr', 'final lr of the cosine, scaled like --lr'))
+    add('--weight_decay', type=float, help=r('weight_decay', 'weight decay'))
+    add('--total_batch', type=int, help=r('total_batch', 'clips per optimiser step, all processes; '
+                                          'reached by gradient accumulation'))
+    add('--batch_size', type=int, help=r('batch_size', 'clips per process and forward; unset: the '
+                                         'largest that splits --total_batch over the processes'))
+    add('--clip_grad', type=float, help='clip the gradient norm (the recipes do not clip)')
+    add = p.add_argument_group('run').add_argument
+    add('--output_dir', help='checkpoints, log.jsonl, config.json (default runs/<stage>-..)')
+    add('--resume', default='auto', help="'auto' (default): the latest checkpoint in --output_dir; "
+        "a path; '' to start fresh")
+    add('--save_ckpt_freq', type=int, help=r('save_ckpt_freq', "keep every N-th epoch's "
+                                             'checkpoint; the latest is always kept'))
+    add('--num_workers', type=int, help=r('num_workers', 'decoding processes per process'))
+    add('--max_failed_ratio', type=float, default=0.05, help="stop when more than this share of an "
+        "epoch's videos cannot be decoded (default 0.05; below it they are replaced, counted and "
+        'reported)')
+    add('--seed', type=int, default=0, help='init, sampling, augmentation (default 0)')
+    add('--device', default='auto', help='auto (a GPU if there is one), cpu or cuda')
+    add('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
+        help='auto: bf16 on GPUs that have it, else fp16 + loss scaling; fp32 on CPU')
+    add('--compile', action='store_true', help='torch.compile the model (long runs)')
+    add('--log_dir', help='also write TensorBoard curves here (needs `tensorboard`)')
 
 
 def add_shape_flags(p, recipes):
@@ -132,7 +126,8 @@ def add_data_flags(p, recipes, datasets=None):
     g.add_argument('--dataset', choices=datasets or list(recipes),
                    help='which recipe row and reader (default: synthetic, generated on first use)')
     g.add_argument('--data_path', help='the dataset folder as downloaded (README: datasets); a '
-                   'list file or its folder for --dataset list; synthetic: the generated cache')
+                   'list file or its folder for --dataset list; root/train/<class>/<video> and '
+                   'root/val/ for --dataset folder; synthetic: the generated cache')
     g.add_argument('--fold', type=int, default=1, help='UCF101/HMDB51 split, 1-3 (default 1)')
     g.add_argument('--num_frames', type=int, help=r('num_frames', 'frames per clip'))
     g.add_argument('--sampling_rate', type=int, help=r('sampling_rate', 'stride between frames'))
@@ -220,11 +215,6 @@ def fit_batch(total, batch, world, explicit):
     return batch, per_rank // batch
 
 
-def format_config(cfg):
-    width = max(len(k) for k in cfg)
-    return '\n'.join(f'  {k:<{width}} {v}' for k, v in sorted(cfg.items()))
-
-
 # --------------------------------------------------------------------------------------------------
 # Distributed: one code path for `python X.py` and `torchrun --nproc_per_node=N X.py`.
 
@@ -261,15 +251,6 @@ def cleanup_distributed():
         dist.destroy_process_group()
 
 
-def all_reduce_mean(t):
-    """Mean over ranks of a tensor (logs and the finite check: every rank then decides alike)."""
-    if dist.is_initialized():
-        t = t.clone()
-        dist.all_reduce(t)
-        t /= dist.get_world_size()
-    return t
-
-
 def seed_everything(seed):
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -287,8 +268,7 @@ def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value):
 
 
 def layer_id(name, depth):
-    """Layer of a parameter for layer-wise lr decay: embedding 0, block i -> i + 1, the rest
-    depth + 1."""
+    """A parameter's layer for lr decay: the embeddings 0, block i -> i + 1, the rest depth + 1."""
     name = name.removeprefix('encoder.')
     if name.startswith(('patch_embed', 'pos_embed', 'mask_token', 'cls_token')):
         return 0
@@ -381,8 +361,7 @@ def load_state(path):
     if os.path.getsize(path) == 0:
         raise SystemExit(f'error: checkpoint {path} is an empty file')
     try:
-        # official files pickle their args
-        with torch.serialization.safe_globals([argparse.Namespace]):
+        with torch.serialization.safe_globals([argparse.Namespace]):  # official files' args
             return torch.load(path, map_location='cpu', weights_only=True, mmap=True)
     except Exception as e:
         raise SystemExit(f'error: {path} is not a readable PyTorch checkpoint '
@@ -428,9 +407,8 @@ def set_rng_state(state):
 
 
 def lock_output_dir(folder):
-    """Create folder and hold an exclusive lock on it for this process's life: a second run into
-    the same folder refuses instead of interleaving logs and overwriting checkpoints. The kernel
-    drops the lock when the holder dies, so a stale lock never blocks."""
+    """Create folder and lock it for this process's life: a second run into it refuses instead of
+    mixing logs and overwriting checkpoints. The lock dies with its holder: never a stale one."""
     if os.path.exists(folder) and not os.path.isdir(folder):
         raise SystemExit(f'error: --output_dir {folder} is a file, not a folder; pass another path')
     os.makedirs(folder, exist_ok=True)
@@ -462,26 +440,18 @@ class Run:
     loader: torch.utils.data.DataLoader
     classes: list
     failures: object                  # data.FailureLog: unreadable videos, counted per epoch
-    scaler: object = None
-    autocast: object = nullcontext
-    precision: str = 'fp32'
+    scaler: object = None             # a GradScaler with fp16
+    autocast: object = nullcontext    # () -> the mixed-precision context
     steps_per_epoch: int = 0
-    start_epoch: int = 0
-    start_step: int = 0
-    clips_per_step: int = 0
-    lock: object = None
-    log: object = None
-    bar: object = None
-    meter: object = None
-    batches: object = None
-    preempt: object = None
-    it: int = 0
-    lr: float = 0.0
+    # set by start(): the precision used, where the run starts, clips per step (all views), the
+    # output folder's lock, the Log, the tqdm bar, Preemption; it (optimiser steps done) by start()
+    # and steps(), which also sets the StepMeter and the batch iterator; lr by train_step()
+    precision, start_epoch, start_step, clips_per_step, it, lr = 'fp32', 0, 0, 0, 0, 0.0
+    lock = log = bar = preempt = meter = batches = None
 
 
 def start(cfg, stage, d, model, optimizer, loader, classes, failures, net=None, clips_per_video=1):
-    """Everything before the first step: lock the output folder, mixed precision, resume (weights,
-    optimiser, scaler, this rank's RNG, the position in the schedule), DDP, the logs, the config
+    """Everything before the first step: lock, mixed precision, resume, DDP, the logs, the config
     printed and saved. net: the module the loop calls, if it is not `model` (detect.py)."""
     run = Run(cfg, stage, d, model, net or model, optimizer, loader, classes, failures)
     run.lock = lock_output_dir(cfg['output_dir']) if d.is_main else None
@@ -504,7 +474,9 @@ def start(cfg, stage, d, model, optimizer, loader, classes, failures, net=None, 
     run.log = Log(cfg['output_dir'], d.is_main, cfg.get('log_dir'), run.it)
     run.preempt = Preemption()
     if d.is_main:
-        print(f'{stage}: configuration\n' + format_config(cfg), flush=True)
+        width = max(map(len, cfg))
+        print(f'{stage}: configuration', *(f'  {k:<{width}} {v}' for k, v in sorted(cfg.items())),
+              sep='\n', flush=True)
         with open(os.path.join(cfg['output_dir'], 'config.json'), 'w') as f:
             json.dump(cfg, f, indent=1, sort_keys=True)
         print(f"{len(loader.dataset)} training items, {run.steps_per_epoch} steps per epoch of "
@@ -567,9 +539,8 @@ def stop(run, path):
 
 
 def train_step(run, loss_of):
-    """One optimiser step over accum_iter micro-batches: lr of this iteration, autocast, backward
-    (DDP all-reduces on the last micro-batch only), grad norm (and clipping), a finite check before
-    the update, the step record. loss_of(batch, micro) -> the stage's loss of one micro-batch."""
+    """One optimiser step over accum_iter micro-batches, checked finite before the update, logged.
+    loss_of(batch, micro) -> the stage's loss of one micro-batch."""
     cfg, accum, dev = run.cfg, run.cfg['accum_iter'], run.dist.device
     scale, total = cfg['total_batch'] / 256, cfg['epochs'] * run.steps_per_epoch
     run.lr = cosine_schedule(run.it, total, cfg['warmup_epochs'] * run.steps_per_epoch,
@@ -582,7 +553,7 @@ def train_step(run, loss_of):
         batch = run.meter.next(run.batches)
         run.failures.update(batch['failed'])
         last = micro == accum - 1 or run.dist.world_size == 1
-        with nullcontext() if last else run.net.no_sync():
+        with nullcontext() if last else run.net.no_sync():  # DDP all-reduces on the last only
             with run.autocast():
                 loss = loss_of(batch, micro) / accum
             (run.scaler.scale(loss) if run.scaler else loss).backward()
@@ -592,7 +563,10 @@ def train_step(run, loss_of):
     params = [p for g in run.optimizer.param_groups for p in g['params'] if p.grad is not None]
     gnorm = torch.nn.utils.clip_grad_norm_(params, cfg['clip_grad']) if cfg['clip_grad'] else \
         torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
-    loss = all_reduce_mean(loss_sum).item()  # one sync per step: every rank stops alike
+    if dist.is_initialized():  # the mean over ranks, one sync per step: every rank stops alike
+        dist.all_reduce(loss_sum)
+        loss_sum /= dist.get_world_size()
+    loss = loss_sum.item()
     if not math.isfinite(loss):
         raise SystemExit(f"error: the loss is {loss} at step {run.it + 1}; stopping before it "
                          f"reaches the weights. The last good checkpoint in {cfg['output_dir']} is "
@@ -614,9 +588,8 @@ def train_step(run, loss_of):
 
 
 def end_epoch(run, epoch, **metrics):
-    """After the last step of `epoch` (0-based): the unreadable-video report, the epoch record (plus
-    the stage's metrics), the checkpoint and its retention; exits 0 if pre-empted meanwhile.
-    -> the checkpoint's path if it is one kept for good (every save_ckpt_freq-th and the last)."""
+    """After the last step of `epoch` (0-based): the failure report, the epoch record (with the
+    stage's metrics), the checkpoint; exits 0 if pre-empted. -> the path if kept for good."""
     cfg, m = run.cfg, run.meter
     run.failures.end_epoch(m.steps * cfg['total_batch'] // run.dist.world_size)
     if m.steps:  # nothing ran when resumed at the epoch's end
@@ -638,19 +611,17 @@ def end_epoch(run, epoch, **metrics):
 
 
 def save(run, epoch, step_in_epoch):
-    """The checkpoint (every rank's RNG and weight sums gathered, rank 0 writes it atomically), then
-    retention: every other checkpoint goes unless it ends an epoch that is a multiple of
-    --save_ckpt_freq. Ranks whose weights differ (DDP keeps them equal) are reported."""
+    """The checkpoint, with every rank's RNG (and weight sums: DDP keeps them equal); retention:
+    the others go unless they end an epoch that is a multiple of --save_ckpt_freq."""
     weights = [v for v in run.model.state_dict().values() if v.is_floating_point()]
     mine = (rng_state(), torch.stack([v.double().sum() for v in weights]).tolist())
     ranks = [mine]
     if dist.is_initialized():
         ranks = [None] * dist.get_world_size()
         dist.all_gather_object(ranks, mine)
-    sums = [s for _, s in ranks]
+    ranks, sums = map(list, zip(*ranks))
     if run.dist.is_main and any(s != sums[0] for s in sums):
         print('warning: the ranks hold different weights (a module outside DDP?)', file=sys.stderr)
-    ranks = [r for r, _ in ranks]
     path = os.path.join(run.cfg['output_dir'], checkpoint_name(epoch, step_in_epoch))
     if run.dist.is_main:
         state = {'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
@@ -666,12 +637,14 @@ def save(run, epoch, step_in_epoch):
 
 
 def plot_curve(values, path, title):
-    """A line plot of values (the step losses) as a PNG, drawn with torchvision.utils: a plateau or
-    a divergence is seen at a glance. The axis labels give the range and the number of steps."""
+    """values (the step losses) as a PNG line plot, drawn with torchvision: a plateau or a
+    divergence is seen at a glance. The labels give the range and the number of steps."""
     from torchvision.io import write_png
     from torchvision.utils import draw_bounding_boxes, draw_keypoints
     W, H, m = 640, 300, 48
     v = torch.tensor(values, dtype=torch.float)
+    n, k = len(v), -(-len(v) // (W - 2 * m))           # the mean of every k steps: one per pixel
+    v = v[:len(v) // k * k].view(-1, k).mean(1) if k > 1 else v
     lo, hi = float(v.min()), float(v.max())
     x = m + torch.linspace(0, W - 2 * m, len(v))
     y = H - m - (v - lo) / max(hi - lo, 1e-9) * (H - 2 * m)
@@ -683,7 +656,7 @@ def plot_curve(values, path, title):
                           [2, H - m - 6, m - 2, H - m + 6],
                           [W - m - 80, H - m + 4, W - m, H - m + 16], [m, 4, W - m, 16]],
                          dtype=torch.float)
-    labels = ['', f'{hi:.2f}', f'{lo:.2f}', f'step {len(v)}', title]
+    labels = ['', f'{hi:.2f}', f'{lo:.2f}', f'step {n}', title]
     img = draw_bounding_boxes(img, boxes, labels=labels, colors=['black'] + ['white'] * 4,
                               label_colors='black')
     write_png(img, path)
@@ -820,21 +793,6 @@ def per_class_accuracy(scores, labels, classes):
              if (labels == c).any() else float('nan')) for c, name in enumerate(classes)]
 
 
-def compare_per_class(csv_a, csv_b, margin=5.0):
-    """Classes where A beats B (and B beats A) by more than margin points (appendix Figs. 7, 8)."""
-    def read(p):
-        with open(p, newline='') as f:
-            return {r['class']: float(r['top1']) for r in csv.DictReader(f)}
-    a, b = read(csv_a), read(csv_b)
-    common = [c for c in a if c in b and not (math.isnan(a[c]) or math.isnan(b[c]))]
-    lines = [f'{len(common)} classes in both; margin {margin} points']
-    for name, x, y in ((csv_a, a, b), (csv_b, b, a)):
-        wins = sorted(((x[c] - y[c], c) for c in common if x[c] - y[c] > margin), reverse=True)
-        lines.append(f'{"A" if x is a else "B"} ({name}) better on {len(wins)}:')
-        lines += [f'  {c:<40} +{d:5.1f}  ({x[c]:.1f} vs {y[c]:.1f})' for d, c in wins]
-    return '\n'.join(lines)
-
-
 @torch.no_grad()
 def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefix=None,
              max_clips=None):
@@ -857,11 +815,9 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
         raise SystemExit('error: the evaluation saw no video (an empty split?)')
     metrics = {**topk_accuracy(scores, labels), 'videos': len(labels)}
     if save_prefix and d.is_main:
+        rows = [[n, k, f'{a:.2f}'] for n, k, a in per_class_accuracy(scores, labels, classes)]
         with open(f'{save_prefix}-per-class.csv', 'w', newline='') as f:
-            w = csv.writer(f)
-            w.writerow(['class', 'videos', 'top1'])
-            w.writerows([n, k, f'{a:.2f}']
-                        for n, k, a in per_class_accuracy(scores, labels, classes))
+            csv.writer(f).writerows([['class', 'videos', 'top1'], *rows])
         with open(f'{save_prefix}-results.json', 'w') as f:
             json.dump({**metrics, 'title': title}, f, indent=1)
         print(f"{title}: top-1 {metrics['top1']:.2f} top-5 {metrics['top5']:.2f} over "
@@ -870,8 +826,8 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
 
 
 def load_weights(load, model, path, flag, is_main=True):
-    """load(model, path) (model.load_checkpoint) with its report printed; a file that does not fit
-    the model ends in one line naming the flag."""
+    """load(model, path) (model.load_checkpoint), its report printed; a misfit: one error line
+    naming the flag."""
     try:
         report = load(model, path)
     except (ValueError, OSError) as e:
@@ -883,9 +839,8 @@ def load_weights(load, model, path, flag, is_main=True):
 
 
 def main(fn):
-    """The command-line boundary: a missing file or folder, or an error about the user's data
-    (an exception with `user_error`, e.g. data.DataError), ends in one `error:` line, exit 1; a
-    second Ctrl-C ends quietly. Other exceptions are bugs and keep their traceback."""
+    """The command-line boundary: a missing file or folder, or a `user_error` exception (the user's
+    data, e.g. data.DataError), ends in one `error:` line, exit 1; others are bugs: a traceback."""
     try:
         fn()
     except SystemExit as e:                     # 'error: ...' messages: on a line of their own,
@@ -893,13 +848,11 @@ def main(fn):
             raise
         tqdm.write(e.code, file=sys.stderr)
         raise SystemExit(1) from None
-    except (FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError) as e:
-        tqdm.write(f'error: {e}', file=sys.stderr)
-        raise SystemExit(1) from None
     except Exception as e:
-        if not getattr(e, 'user_error', False):
+        if not (getattr(e, 'user_error', False) or isinstance(e, (
+                FileNotFoundError, NotADirectoryError, IsADirectoryError, PermissionError))):
             raise
         tqdm.write(f'error: {e}', file=sys.stderr)
         raise SystemExit(1) from None
-    except KeyboardInterrupt:
+    except KeyboardInterrupt:  # e.g. a second Ctrl-C (the first saves a checkpoint): quietly
         raise SystemExit(130) from None

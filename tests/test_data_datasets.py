@@ -1,5 +1,6 @@
 """load_split reads each dataset in the layout users download (tiny real videos, real annotation
 syntax)."""
+import csv
 import json
 import os
 import warnings
@@ -292,3 +293,93 @@ def test_ssv2_label_files_in_root_and_old_names(tmp_path, where, prefix):
     os.remove(tmp_path / where / f'{prefix}train.json')
     with pytest.raises(data.DataError, match='something-something-v2-train.json'):
         data.load_split('ssv2', str(tmp_path), 'train')
+
+
+def folders(root, layout):
+    """Class folders (ImageFolder layout) from {'train/a': ['x.avi'], ...}: tiny real videos."""
+    for folder, names in layout.items():
+        os.makedirs(root / folder, exist_ok=True)
+        for k, name in enumerate(names):
+            if name.lower().endswith(data.VIDEO_EXTS):
+                clip(root / folder / name, frames=8, seed=k)
+            else:
+                write(root / folder / name, 'not a video\n')
+    return root
+
+
+def test_class_folders_labels_from_train_for_every_split(tmp_path):
+    folders(tmp_path, {'train/a': ['x.avi'], 'train/b': ['x.avi', 'more/z.MP4'],
+                       'train/c': ['x.avi'], 'val/a': ['y.avi'], 'val/c': ['y.avi'],
+                       'val/.ipynb_checkpoints': []})
+    with warnings.catch_warnings():
+        warnings.simplefilter('error')  # nothing skipped that deserves a word
+        write(tmp_path / 'train/a/.DS_Store', '')  # hidden files and folders: silently left out
+        samples, classes = data.load_split('folder', str(tmp_path), 'train')
+    assert classes == ['a', 'b', 'c']
+    assert [(os.path.relpath(p, tmp_path), y) for p, y in samples] == [
+        ('train/a/x.avi', 0), ('train/b/more/z.MP4', 1), ('train/b/x.avi', 1), ('train/c/x.avi', 2)]
+    val, val_classes = data.load_split('folder', str(tmp_path), 'val')
+    assert val_classes == classes  # c keeps label 2 though val/ has no b/
+    assert [(os.path.relpath(p, tmp_path), y) for p, y in val] == [('val/a/y.avi', 0),
+                                                                    ('val/c/y.avi', 2)]
+    assert data.load_split('folder', str(tmp_path), 'test') == (val, classes)
+    assert data.decode_frames(val[0][0], [0, 7]).shape == (2, 32, 32, 3)
+
+
+def test_class_folders_test_instead_of_val(tmp_path):
+    folders(tmp_path, {'train/a': ['x.avi'], 'train/b': ['x.avi'],
+                       'test/a': ['y.avi'], 'test/b': ['y.avi']})
+    for split in ('val', 'test'):
+        samples, classes = data.load_split('folder', str(tmp_path), split)
+        assert classes == ['a', 'b'] and [(os.path.relpath(p, tmp_path), y) for p, y in samples] \
+            == [('test/a/y.avi', 0), ('test/b/y.avi', 1)]
+
+
+def test_class_folders_skip_non_videos_with_one_warning(tmp_path):
+    folders(tmp_path, {'train/a': ['x.avi', 'notes.txt'], 'train/b': ['x.avi', 'cover.jpg']})
+    with pytest.warns(UserWarning, match=r"skipping 2 file\(s\) not ending in .mp4/.avi.*"
+                                         r"a/notes.txt.*b/cover.jpg") as caught:
+        samples, _ = data.load_split('folder', str(tmp_path), 'train')
+    assert len(caught) == 1 and [y for _, y in samples] == [0, 1]
+
+
+def test_class_folders_errors_name_the_folder_and_the_fix(tmp_path):
+    with pytest.raises(data.DataError, match=r'folder train/ not found .*one sub-folder of videos '
+                                             r'per class'):
+        data.load_split('folder', str(tmp_path), 'train')
+    folders(tmp_path, {'train': ['flat.avi']})  # videos, but no class folders
+    with pytest.raises(data.DataError, match=r'train: no class sub-folders in it'):
+        data.load_split('folder', str(tmp_path), 'train')
+    folders(tmp_path, {'train/a': ['x.avi'], 'train/b': ['x.avi']})
+    with pytest.raises(data.DataError, match=r'folder val/ or test/ not found .*/val, .*/test\)'):
+        data.load_split('folder', str(tmp_path), 'val')
+    os.makedirs(tmp_path / 'val')
+    with pytest.raises(data.DataError, match=r'val: no class sub-folders in it'):
+        data.load_split('folder', str(tmp_path), 'test')
+    folders(tmp_path, {'val/a': ['y.avi'], 'val/z': ['y.avi']})
+    with pytest.raises(data.DataError, match=r"val/z: class 'z' is not in .*train: rename it or "
+                                             r'add z/ there'):
+        data.load_split('folder', str(tmp_path), 'val')
+    os.makedirs(tmp_path / 'train/c')  # an empty class folder
+    with pytest.raises(data.DataError, match=r'train/c: no video file \(.mp4/.avi/.mkv/.webm/.mov'
+                                             r'\) in this class folder \(its files: none\)'):
+        data.load_split('folder', str(tmp_path), 'train')
+    folders(tmp_path, {'train/c': ['readme.txt']})  # only files that are not videos
+    with pytest.raises(data.DataError, match=r'train/c: no video file .*its files: .*readme.txt'
+                                             r".*add videos or remove it"):
+        data.load_split('folder', str(tmp_path), 'train')
+
+
+@pytest.mark.slow
+def test_finetune_on_class_folders(tmp_path):
+    from conftest import CLIP, run
+    root = folders(tmp_path / 'data', {f'{split}/{c}': [f'{split}{k}.avi' for k in range(2)]
+                                       for split in ('train', 'val') for c in ('jump', 'run')})
+    run('finetune.py', '--dataset', 'folder', '--data_path', root, *CLIP, '--embed_dim', '32',
+        '--depth', '2', '--num_heads', '2', '--patch_size', '8', '--batch_size', '2',
+        '--total_batch', '4', '--epochs', '1', '--warmup_epochs', '0', '--val_freq', '0',
+        '--output_dir', tmp_path / 'out')
+    assert json.load(open(tmp_path / 'out/test-results.json'))['videos'] == 4
+    with open(tmp_path / 'out/test-per-class.csv', newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert [(r['class'], r['videos']) for r in rows] == [('jump', '2'), ('run', '2')]

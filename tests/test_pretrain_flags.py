@@ -92,8 +92,9 @@ def test_help_shows_every_recipe_default(capsys):
     with pytest.raises(SystemExit):
         resolve('--help')
     text = ' '.join(capsys.readouterr().out.split())
-    for snippet in ('k400/ucf101/list/synthetic 4', 'ssv2/k400/list 1024', 'ucf101/hmdb51 192',
-                    'ucf101 3200', 'hmdb51 4800', 'lr x total_batch / 256', 'synthetic 128'):
+    for snippet in ('k400/ucf101/list/folder/synthetic 4', 'ssv2/k400/list/folder 1024',
+                    'ucf101/hmdb51 192', 'ucf101 3200', 'hmdb51 4800', 'lr x total_batch / 256',
+                    'synthetic 128'):
         assert snippet in text, snippet
 
 

@@ -13,6 +13,7 @@ import torch.nn as nn
 from tqdm import tqdm
 
 import data
+import finetune
 import utils
 
 
@@ -203,7 +204,7 @@ def test_topk_and_per_class_accuracy_and_compare(tmp_path):
                        ('B.csv', [('a', 2, 60.0), ('b', 2, 52.0), ('c', 1, 80.0)])):
         with open(tmp_path / name, 'w', newline='') as f:          # as utils.evaluate writes it
             csv.writer(f).writerows([('class', 'videos', 'top1'), *rows])
-    text = utils.compare_per_class(tmp_path / 'A.csv', tmp_path / 'B.csv', margin=10)
+    text = finetune.compare_per_class(tmp_path / 'A.csv', tmp_path / 'B.csv', margin=10)
     a_part, b_part = text.split('B (')
     assert 'a ' in a_part and '+ 30.0' in a_part and 'b ' not in a_part.split('\n', 2)[2]
     assert 'c ' in b_part and '+ 40.0' in b_part
