@@ -224,6 +224,32 @@ def bench_train(args):
         row(f'pretrain.py, {workers} decoding worker(s)', f'{sec:.3f}', f'{B / sec:.1f}', wait)
 
 
+def bench_ava(args):
+    """detect.py's start-up on a frame list of AVA's size (SlowFast layout: one row per frame;
+    real AVA v2.2: 299 movies x 27,001 frames): seconds and peak memory to group it per video."""
+    import resource
+    import random
+    import detect
+    r = random.Random(0)
+    vids = [''.join(r.choices('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-_',
+                              k=11)) for _ in range(args.movies)]
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, 'train.csv')
+        with open(path, 'w') as f:
+            f.write('original_vido_id video_id frame_id path labels\n')
+            for k, v in enumerate(vids):
+                f.writelines(f'{v} {k} {i} {v}/{v}_{i + 1:06d}.jpg ""\n'
+                             for i in range(args.frames))
+        gib = lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # noqa: E731
+        rss, t = gib(), time.perf_counter()
+        source = detect.FrameFolder(tmp, [path])
+        sec, peak = time.perf_counter() - t, gib()
+    row = table('ava: detect.py FrameFolder on a generated frame list', 'rows | movies | s | '
+                'peak RSS GiB (before: GiB)')
+    row(sum(map(len, source.paths.values())), len(source.paths), f'{sec:.1f}',
+        f'{peak:.2f} ({rss:.2f})')
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__)
     sub = p.add_subparsers(dest='section', required=True)
@@ -234,7 +260,8 @@ def main():
                                attentions=['sdpa', 'explicit'], decoder_mask_ratios=[0.0],
                                num_frames=16, input_size=224, mask_ratio=0.9, batch_size=1,
                                repeats=3, profile=False)),
-            (bench_train, dict(workers=[0, 2], steps=10, repeats=5))]:
+            (bench_train, dict(workers=[0, 2], steps=10, repeats=5)),
+            (bench_ava, dict(movies=299, frames=27001))]:
         s = sub.add_parser(fn.__name__[6:], help=fn.__doc__.split(':')[0], description=fn.__doc__)
         s.set_defaults(fn=fn)
         for k, v in flags.items():

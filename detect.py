@@ -3,9 +3,9 @@
 The backbone is the fine-tuning ViT of model.py; the head is the SlowFast detection head the
 appendix follows (as in the official VideoMAE-Action-Detection code): token LayerNorm ->
 (C, T', H', W') -> mean over time -> RoIAlign 7x7 per person box -> max over the 7x7 -> dropout ->
-Linear to the 80 AVA actions -> sigmoid (multi-label). Training sees ground-truth person boxes,
-inference the detector's boxes with score >= 0.8. The metric is frame-level AP at IoU 0.5 per class
-over the 60 evaluated classes, and its mean. The synthetic AVA-layout set is synthetic.py's.
+Linear to the 80 AVA actions -> sigmoid (multi-label), on 16 x 4 frames at 25 fps. Training sees
+ground-truth person boxes, jittered, in HSV-jittered clips, inference the detector's boxes with
+score >= 0.8, widened for the RoIs. Metric: frame-level AP at IoU 0.5 of the 60 classes, and mAP.
 
   python detect.py                                # synthetic AVA-layout set on CPU, a few minutes
   torchrun --nproc_per_node=8 detect.py --data_path /data/ava --model base \\
@@ -27,7 +27,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_jpeg, read_file
-from torchvision.ops import box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
+from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, remove_small_boxes, roi_align
 from torchvision.transforms import v2
 from tqdm import tqdm
 
@@ -39,15 +39,18 @@ from model import build_classifier, load_checkpoint
 
 # -- Recipes: Table 12, AVA v2.2 -------------------------------------------------------------------
 # Its columns: without (key = size) and with (key = size-k400ft) the extra supervised fine-tuning
-# of the backbone on Kinetics-400. Common to both: AdamW (0.9, 0.999), wd 0.05, batch 128, cosine,
-# 5 warm-up epochs, no repeated augmentation, flip, drop path 0.2. lr = base x batch / 256 (appendix
-# § B). Per-GPU batch, min lr, 16x4 clips, short side 256 / crop 224: the official AD scripts. Head
-# dropout 0: the official AD head has none (SlowFast's AVA configs use 0.5).
-AVA = dict(weight_decay=0.05, opt_betas=[0.9, 0.999], total_batch=128, warmup_epochs=5,
+# of the backbone on Kinetics-400. Both: AdamW (0.9, 0.999), wd 0.05, batch 128, cosine, 5 warm-up
+# epochs, no repeated augmentation, flip, drop path 0.2, lr = base x batch / 256 (appendix § B).
+# The official AD scripts: per-GPU batch, min lr, 16x4 clips, short side 256 / crop 224. Its code
+# (MCG-NJU/VideoMAE-Action-Detection): no head dropout (SlowFast's AVA configs: 0.5); box_jitter,
+# test_box_extend: modeling_finetune.py's random_aug(0.2, 0.1, 0.1, 0.05), test_ext (0.1, 0.05) of
+# AlphAction's bounding_box.py; color_jitter: data/transforms.py's HUE 20 / 2, SAT, VAL 0.1 x 255;
+# clip_fps: AlphAction's clips are 25 fps (tools/ava/process_ava_videos.py): 16 x 4 = 2.56 s.
+AVA = dict(weight_decay=0.05, opt_betas=[0.9, 0.999], total_batch=128, warmup_epochs=5, clip_fps=25,
            drop_path=0.2, flip=True, min_lr=1e-6, num_frames=16, sampling_rate=4, input_size=224,
-           short_side=256, det_thresh=0.8, head_dropout=0.0, num_workers=8, save_ckpt_freq=10)
+           short_side=256, det_thresh=0.8, head_dropout=0.0, num_workers=8, save_ckpt_freq=10,
+           box_jitter=[0.2, 0.1, 0.1, 0.05], test_box_extend=[0.1, 0.05], color_jitter=[10, 26, 26])
 RECIPES = {
-    # Table 12, both columns
     'small':        dict(AVA, model='small', lr=1e-3, epochs=30, layer_decay=0.6, batch_size=8),
     'base':         dict(AVA, model='base', lr=2.5e-4, epochs=30, layer_decay=0.75, batch_size=4),
     'large':        dict(AVA, model='large', lr=2.5e-4, epochs=30, layer_decay=0.75, batch_size=4),
@@ -103,25 +106,22 @@ def csv_rows(path, widths, parse):
 def read_ava_csv(path, detections=False):
     """GT (video_id,timestamp,x1,y1,x2,y2,action_id,person_id) or detections (score last, action
     maybe empty) -> {(video_id, sec): {box normalised xyxy: [set of action ids, score]}}."""
-    def parse(r):
-        return ((r[0], int(r[1])), tuple(round(float(v), 4) for v in r[2:6]),  # '0902' = '902'
-                int(r[6]) if r[6].strip() not in ('', '-1') else None,
-                float(r[7]) if detections and len(r) == 8 else 1.0)
+    parse = lambda r: ((r[0], int(r[1])), tuple(round(float(v), 4) for v in r[2:6]),  # 0902 = 902
+                       int(r[6]) if r[6].strip() not in ('', '-1') else None,
+                       float(r[7]) if detections and len(r) == 8 else 1.0)
     out = defaultdict(dict)
     for key, box, action, score in csv_rows(path, (7, 8), parse):
         entry = out[key].setdefault(box, [set(), score])
-        if action is not None:
-            entry[0].add(action)
+        entry[0].update([action] if action is not None else [])
         entry[1] = max(entry[1], score)
     return out
 
 
 def read_submission(path):
     """A detections CSV in the submission format -> {key: [(box, action_id, score), ...]}."""
-    def parse(r):
-        return (r[0], int(r[1])), (tuple(float(v) for v in r[2:6]), int(r[6]), float(r[7]))
     out = defaultdict(list)
-    for key, det in csv_rows(path, (8,), parse):
+    for key, det in csv_rows(path, (8,), lambda r: ((r[0], int(r[1])), (
+            tuple(float(v) for v in r[2:6]), int(r[6]), float(r[7])))):
         out[key].append(det)
     return out
 
@@ -157,15 +157,15 @@ def entries_from(boxes_by_key, min_score=0.0, skip=()):
     for key in sorted(set(boxes_by_key) - set(skip)):
         rows = [(b, a, s) for b, (a, s) in boxes_by_key[key].items() if s >= min_score]
         if rows:
-            labels = torch.tensor([[float(a in acts) for a in range(1, NUM_ACTIONS + 1)]
-                                   for _, acts, _ in rows])
-            out.append((*key, torch.tensor([r[0] for r in rows]).clamp(0, 1), labels,
-                        torch.tensor([r[2] for r in rows])))
+            boxes, acts, scores = zip(*rows)
+            hot = torch.tensor([[a in x for a in range(1, NUM_ACTIONS + 1)] for x in acts]).float()
+            out.append((*key, torch.tensor(boxes).clamp(0, 1), hot, torch.tensor(scores)))
     return out
 
 
 # -- Frames: the SlowFast JPEG layout, or the videos decoded with PyAV -----------------------------
-# Both return uint8 (T, 3, H, W) for the frame offsets around the keyframe, clamped into the video.
+# Both return uint8 (T, 3, H, W) for the frame offsets around the keyframe, counted at fps (0: the
+# source's own), of the nearest frames clamped into the video.
 class FrameFolder:
     """frames/<id>/<id>_000001.jpg at 30 fps (frame 0 = 15:00), listed by
     frame_lists/{train,val}.csv, else each folder's .jpg in name order."""
@@ -173,46 +173,45 @@ class FrameFolder:
     def __init__(self, root, frame_lists=()):
         self.root, self.paths = root, {}
         for fl in frame_lists:
-            # One pass groups the rows by video, then each video's frames are sorted by frame id:
-            # real AVA lists ~8 M rows over 299 movies.
-            frames = defaultdict(list)
+            frames = defaultdict(list)           # one pass, by video then frame id: ~8 M rows
             with open(fl) as f:
                 next(f)                          # `original_vido_id video_id frame_id path labels`
                 for vid, _, frame_id, path, *_ in filter(None, map(str.split, f)):
                     frames[vid].append((int(frame_id), os.path.join(root, path)))
             self.paths.update({vid: [p for _, p in sorted(rows)] for vid, rows in frames.items()})
 
-    def clip(self, vid, sec, offsets):
+    def clip(self, vid, sec, offsets, fps=0):
         if vid not in self.paths:                # no frame list: the folder itself, in name order
             folder = os.path.join(self.root, vid)
             self.paths[vid] = [os.path.join(folder, n) for n in sorted(os.listdir(folder))
                                if n.endswith('.jpg')]
-        paths, key = self.paths[vid], (sec - WINDOW_START) * AVA_FPS
-        idx = [min(max(key + o, 0), len(paths) - 1) for o in offsets]
+        paths, key, r = self.paths[vid], (sec - WINDOW_START) * AVA_FPS, AVA_FPS / (fps or AVA_FPS)
+        idx = [min(max(key + round(o * r), 0), len(paths) - 1) for o in offsets]
         decoded = {i: decode_jpeg(read_file(paths[i]), mode=ImageReadMode.RGB) for i in set(idx)}
         return torch.stack([decoded[i] for i in idx])
 
 
 class VideoFolder:
     """videos/<id>.{mp4,mkv,webm,...}: whole movies (--video_start 0, as downloaded) or the
-    15-minute cuts starting at 15:00 (--video_start 900). Offsets count the video's own frames."""
+    15-minute cuts starting at 15:00 (--video_start 900)."""
 
     def __init__(self, root, start=0):
         self.root, self.start = root, start
         self.paths = {os.path.splitext(n)[0]: os.path.join(root, n)
                       for n in sorted(os.listdir(root)) if n.lower().endswith(data.VIDEO_EXTS)}
 
-    def clip(self, vid, sec, offsets):
+    def clip(self, vid, sec, offsets, fps=0):
         if vid not in self.paths:
             raise FileNotFoundError(f'no video file for {vid} in {self.root}')
-        n, fps, _, _ = data.video_info(self.paths[vid])
-        idx = [min(max(round((sec - self.start) * fps) + o, 0), n - 1) for o in offsets]
+        n, rate, _, _ = data.video_info(self.paths[vid])
+        idx = [min(max(round((sec - self.start) * rate) + round(o * rate / (fps or rate)), 0),
+                   n - 1) for o in offsets]
         return data.decode_frames(self.paths[vid], idx, tail_slack=3).permute(0, 3, 1, 2)
 
 
 # -- Clips and boxes -------------------------------------------------------------------------------
-# Train: short side 256, random 224 crop, random flip, boxes transformed with the frames
-# (torchvision.transforms.v2 on a Video + BoundingBoxes). Test: short side resized, boxes scaled.
+# Train: short side 256, random 224 crop, random flip, boxes moved with the frames (transforms.v2 on
+# a Video + BoundingBoxes), colour and box jitter. Test: short side resized, boxes scaled, extended.
 def transform_clip(clip, boxes, *, train, input_size, short_side, flip):
     """uint8 (T, 3, H, W), pixel boxes (n, 4) xyxy -> (clip, boxes clipped to it, kept indices)."""
     crop = [v2.RandomCrop(input_size)] + ([v2.RandomHorizontalFlip(0.5)] if flip else [])
@@ -224,6 +223,32 @@ def transform_clip(clip, boxes, *, train, input_size, short_side, flip):
     return clip.as_subclass(torch.Tensor), boxes[keep], keep
 
 
+def jitter_boxes(boxes, size, x_out, x_in, y_out, y_in):
+    """AlphAction's random_aug: x1 += w U(-x_out, x_in), y1 += h U(-y_out, y_in), x2 += w U(-x_in,
+    x_out), y2 += h U(-y_in, y_out) (w, h the box's), then in the (H, W) image, >= 1 pixel wide."""
+    lo, hi = torch.tensor([[-x_out, -y_out, -x_in, -y_in], [x_in, y_in, x_out, y_out]])
+    b = boxes + torch.lerp(lo, hi, torch.rand(boxes.shape)) * (boxes[:, 2:] - boxes[:, :2]).tile(2)
+    lt = b[:, :2].clamp(min=0).minimum(torch.tensor(size[::-1]) - 1.0)     # x1 <= W - 1
+    return torch.cat([lt, b[:, 2:].minimum(torch.tensor(size[::-1])).maximum(lt + 1)], 1)
+
+
+def extend_boxes(boxes, size, sx, sy):
+    """Test RoIs: sx x the width and sy x the height added, centred, clipped to the (H, W) image."""
+    c = box_convert(boxes, 'xyxy', 'cxcywh') * torch.tensor([1, 1, 1 + sx, 1 + sy])
+    return clip_boxes_to_image(box_convert(c, 'cxcywh', 'xyxy'), size)
+
+
+def jitter_colour(clip, dh, ds, dv):
+    """uint8 (T, 3, H, W) shifted in OpenCV's uint8 HSV (H 0..179, S, V 0..255): H by dh around the
+    circle, S by ds, V by dv, clamped. In float: 99 % of values as cv2's, some off by up to ~9."""
+    (r, g, b), v, c = (x := clip.float() / 255).unbind(1), x.amax(1), x.amax(1) - x.amin(1)
+    h = torch.where(v == r, (g - b) / c % 6, torch.where(v == g, (b - r) / c + 2, (r - g) / c + 4))
+    h = ((h.nan_to_num() * 30).round() + dh) % 180 / 30       # grey (0 / 0): hue 0, as OpenCV's
+    s = ((c / v).nan_to_num() * 255).round().add(ds).clamp(0, 255) / 255
+    v, k = (v + dv / 255).clamp(0, 1), (torch.tensor([5.0, 3, 1]).view(3, 1, 1) + h[:, None]) % 6
+    return (255 * v[:, None] * (1 - s[:, None] * k.minimum(4 - k).clamp(0, 1))).round().byte()
+
+
 def clip_offsets(num_frames, rate):
     """Frame offsets around the keyframe, official TemporalCrop: 16x4 -> -31, -27, ..., +29."""
     return [k * rate - num_frames * rate // 2 + (rate - 1) // 2 for k in range(num_frames)]
@@ -233,13 +258,16 @@ class AVAClips(torch.utils.data.Dataset):
     """One item per keyframe, a pure function of (seed, epoch, index): dict(video uint8
     (3, T, h, w), boxes (n, 4) pixels, labels (n, 80), scores (n,), norm_boxes (n, 4) as read, key,
     index, failed). An unreadable clip is reported: in training replaced by another keyframe, in
-    evaluation returned with no box (its GT then counts missed)."""
+    evaluation returned with no box (its GT then counts missed). Training: color_jitter,
+    box_jitter; test: test_box_extend (boxes, not norm_boxes). Each empty or 0: off."""
 
     def __init__(self, entries, source, *, train, num_frames, sampling_rate, input_size, short_side,
-                 flip, seed=0):
+                 flip, seed=0, box_jitter=(), test_box_extend=(), color_jitter=(), clip_fps=0):
         self.entries, self.source, self.train, self.seed = entries, source, train, seed
-        self.offsets = clip_offsets(num_frames, sampling_rate)
+        self.offsets, self.fps = clip_offsets(num_frames, sampling_rate), max(clip_fps or 0, 0)
         self.tf = dict(train=train, input_size=input_size, short_side=short_side, flip=flip)
+        self.colour, self.move, self.arg = (color_jitter, jitter_boxes, box_jitter) if train \
+            else ((), extend_boxes, test_box_extend)
 
     def __len__(self):
         return len(self.entries)
@@ -252,7 +280,7 @@ class AVAClips(torch.utils.data.Dataset):
             for _ in range(10):
                 vid, sec, boxes, labels, scores = self.entries[idx]
                 try:
-                    clip = self.source.clip(vid, sec, self.offsets)
+                    clip = self.source.clip(vid, sec, self.offsets, self.fps)
                 except (OSError, RuntimeError) as e:      # data.VideoDecodeError is a RuntimeError
                     failed.append(f'{vid} {sec}: {e}')
                     if self.train:
@@ -261,6 +289,9 @@ class AVAClips(torch.utils.data.Dataset):
                     clip, boxes = torch.zeros(len(self.offsets), 3, 32, 32).byte(), boxes[:0]
                 H, W = clip.shape[-2:]
                 clip, pix, keep = transform_clip(clip, boxes * torch.tensor([W, H] * 2), **self.tf)
+                if any(self.colour or ()):      # one draw per clip, integers in +-bounds (official)
+                    clip = jitter_colour(clip, *(torch.randint(-c, c + 1, ()) for c in self.colour))
+                pix = self.move(pix, clip.shape[-2:], *self.arg) if any(self.arg or ()) else pix
                 return dict(video=clip.permute(1, 0, 2, 3).contiguous(), boxes=pix,
                             labels=labels[keep], scores=scores[keep], norm_boxes=boxes[keep],
                             key=(vid, sec), index=index, failed='\n'.join(failed))
@@ -275,11 +306,10 @@ def collate(items, multiple=16):
     video[:] = torch.tensor([round(255 * m) for m in data.IMAGENET_MEAN]).view(3, 1, 1, 1)
     for i, it in enumerate(items):
         video[i, :, :, :it['video'].shape[-2], :it['video'].shape[-1]] = it['video']
-    cat = lambda k: torch.cat([it[k] for it in items])
-    return dict(video=video, boxes=[it['boxes'] for it in items], labels=cat('labels'),
-                scores=cat('scores'), norm_boxes=cat('norm_boxes'),
-                keys=[it['key'] for it in items], index=torch.tensor([it['index'] for it in items]),
-                failed=[it['failed'] for it in items])
+    col = lambda k: [it[k] for it in items]
+    return dict(video=video, boxes=col('boxes'), keys=col('key'), index=torch.tensor(col('index')),
+                labels=torch.cat(col('labels')), scores=torch.cat(col('scores')),
+                norm_boxes=torch.cat(col('norm_boxes')), failed=col('failed'))
 
 
 # -- The head: SlowFast's AVA head (as the official AD code has it) on the ViT's tokens ------------
@@ -354,16 +384,13 @@ def frame_ap(gt, detections, class_ids, excluded=(), max_dets=0, iou_threshold=0
         num_gt.update(c for _, c in g)
         iou = box_iou(torch.tensor([b for b, _, _ in d], dtype=torch.float64).view(-1, 4),
                       torch.tensor([b for b, _ in g], dtype=torch.float64).view(-1, 4))
-        gt_of = defaultdict(list)                # class -> its rows of g (a box may repeat)
-        for i, (_, c) in enumerate(g):
-            gt_of[c].append(i)
+        gt_of = {c: [i for i, (_, c2) in enumerate(g) if c2 == c] for _, c in g}  # its rows of g
         taken = defaultdict(set)                 # class -> positions in gt_of[c] already matched
         for k, (_, c, s) in enumerate(d):
-            ious = iou[k, gt_of[c]]              # (number of GT of class c,)
+            ious = iou[k, gt_of.get(c, [])]      # (number of GT of class c,)
             j = int(ious.argmax()) if len(ious) else -1
             hit = j >= 0 and bool(ious[j] >= iou_threshold) and j not in taken[c]
-            if hit:
-                taken[c].add(j)
+            taken[c].update([j] if hit else [])
             scores[c].append(s)
             tps[c].append(hit)
     return ({c: average_precision(scores[c], tps[c], num_gt[c]) for c in class_ids},
@@ -403,12 +430,17 @@ def build_parser():
                    'the video files start: 0 for the movies as downloaded, 900 for 15-minute cuts')
     for flag, (names, text) in AVA_FILES.items():
         g.add_argument(f'--{flag}', help=f'{text} (default: {", else ".join(names)})')
-    for flag, kind, text in [('det_thresh', float, 'keep detected boxes scoring >= this'),
-                             ('num_frames', int, 'frames per clip'),
-                             ('input_size', int, 'training crop'),
-                             ('sampling_rate', int, 'frame stride around the keyframe'),
-                             ('short_side', int, 'short side of the frames')]:
-        g.add_argument(f'--{flag}', type=kind, help=h(flag, text))
+    for flag, kind, text, *n in [       # n: '*' (none or 0: off)
+            ('det_thresh', float, 'keep detected boxes scoring >= this'),
+            ('num_frames', int, 'frames per clip'), ('input_size', int, 'training crop'),
+            ('sampling_rate', int, 'frame stride around the keyframe'),
+            ('short_side', int, 'short side of the frames'),
+            ('clip_fps', float, "fps of the frame offsets; <= 0: the source's"),
+            ('box_jitter', float, 'training boxes: x1 += w U(-X_OUT, X_IN), y1 += h U(-Y_OUT, '
+             'Y_IN), x2, y2 by U(-IN, OUT); none or 0: off', '*'),
+            ('test_box_extend', float, 'test RoIs widened by X x w, Y x h; none or 0: off', '*'),
+            ('color_jitter', int, 'training HSV shift (OpenCV units); none or 0: off', '*')]:
+        g.add_argument(f'--{flag}', type=kind, nargs=(n or [None])[0], help=h(flag, text))
     g.add_argument('--flip', action=argparse.BooleanOptionalAction, help=h('flip', 'random flip'))
     g = utils.add_shape_flags(p, RECIPES)
     g.add_argument('--kinetics_finetuned', action='store_true', help='the backbone was fine-tuned '
@@ -437,12 +469,14 @@ def resolve(argv=None):
                         lambda c: f'detect-{recipe_key(c)}', init_flag='finetune')
     cfg.update(recipe=recipe_key(cfg), dataset='synthetic' if cfg['data_path'] is None else 'ava')
     utils.check_clip_flags(cfg)
+    for flag, n in (('box_jitter', 4), ('test_box_extend', 2), ('color_jitter', 3)):
+        if any(cfg[flag]) and len(cfg[flag]) != n:
+            utils.flag_error(f'--{flag} takes {n} values (none or 0: off), got {cfg[flag]}')
     return cfg
 
 
 def ava_files(cfg):
-    """Fill cfg's AVA_FILES and frames or videos from --data_path (none: the synthetic set, made on
-    first use); a missing one is an error."""
+    """cfg's AVA_FILES and frames / videos from --data_path (none: the synthetic set), or errors."""
     root = cfg['data_path'] = cfg['data_path'] or synthetic.ensure_ava()
     if not os.path.isdir(root):
         raise SystemExit(f'error: --data_path {root}: no such folder (the AVA root)')
@@ -497,29 +531,26 @@ def main(argv=None):
     gt = {k: [(b, a) for b, (acts, _) in v.items() for a in acts]    # one row per box and action
           for k, v in read_ava_csv(cfg['val_csv']).items()}
 
-    def score(rows, csv_path=None):
-        ap, num_gt = frame_ap(gt, rows, sorted(names), excluded, cfg['max_dets'])
-        return report_ap(ap, num_gt, names, cfg['max_dets'], csv_path)
-
+    score = lambda rows, csv_path=None: report_ap(*frame_ap(
+        gt, rows, sorted(names), excluded, cfg['max_dets']), names, cfg['max_dets'], csv_path)
     if cfg['eval_detections']:  # score a detections file, nothing else
         return score(read_submission(cfg['eval_detections'])) if d.is_main else None
-    detector = build_detector(cfg).to(d.device)
-    vit = detector.backbone                        # checkpoints keep the official AD names
+    vit = (detector := build_detector(cfg).to(d.device)).backbone  # the official AD names
     lists = [os.path.join(cfg['data_path'], 'frame_lists', s) for s in ('train.csv', 'val.csv')]
     source = FrameFolder(cfg['frames'], [fl for fl in lists if os.path.isfile(fl)]) \
         if cfg['frames'] else VideoFolder(cfg['videos'], cfg['video_start'])
 
     def loader(entries, train):
         clips = AVAClips(entries, source, train=train, flip=train and cfg['flip'], **{
-            k: cfg[k] for k in ('num_frames', 'sampling_rate', 'input_size', 'short_side', 'seed')})
+            k: cfg[k] for k in ('num_frames', 'sampling_rate', 'input_size', 'short_side', 'seed',
+                                'box_jitter', 'test_box_extend', 'color_jitter', 'clip_fps')})
         return data.make_loader(clips, cfg['batch_size'], train=train, seed=cfg['seed'],
                                 num_workers=cfg['num_workers'],
                                 collate_fn=functools.partial(collate, multiple=vit.patch_size))
 
     vb = cfg['val_boxes']
-    val_boxes = read_aia_json(vb, cfg['det_images']) if vb.endswith('.json') else \
-        read_ava_csv(vb, detections=True)
-    val_loader = loader(entries_from(val_boxes, cfg['det_thresh'], skip=excluded), train=False)
+    vb = read_aia_json(vb, cfg['det_images']) if vb.endswith('.json') else read_ava_csv(vb, True)
+    val_loader = loader(entries_from(vb, cfg['det_thresh'], skip=excluded), train=False)
 
     def evaluate(tag):
         """-> mAP on rank 0 (detections_<tag>.csv, ap_<tag>.csv written), None on the others."""
@@ -548,8 +579,7 @@ def main(argv=None):
                           data.FailureLog(cfg['max_failed_ratio']), net=detector)
         autocast, lock = run.autocast, run.lock
 
-        def loss_of(batch, micro):
-            # video (B, 3, T, H, W), boxes B x (n_b, 4)
+        def loss_of(batch, micro):               # video (B, 3, T, H, W), boxes B x (n_b, 4)
             video = data.normalize(batch['video'].to(d.device, non_blocking=True))
             boxes = [b.to(d.device, non_blocking=True) for b in batch['boxes']]
             return detection_loss(run.net(video, boxes), batch['labels'].to(d.device))
@@ -561,7 +591,7 @@ def main(argv=None):
             m = evaluate(f'epoch{epoch + 1}') if every and epoch + 1 < cfg['epochs'] else None
             utils.end_epoch(run, epoch, **({} if m is None else {'mAP': m}))
         run.bar.close()
-    utils.Log(cfg['output_dir'], enabled=d.is_main).write('final', None, mAP=evaluate('val'))
+    utils.log_result(cfg, d.is_main, 'final', mAP=evaluate('val'))
     del lock
     utils.cleanup_distributed()
 

@@ -226,10 +226,7 @@ def test(cfg, d, model, classes, autocast, dataset_fn):
     title = f"test ({cfg['test_clips']} clips x {cfg['test_crops']} crops)"
     m = evaluate(cfg, d, model, dataset_fn(cfg, samples, 'test'), classes, autocast, title,
                  os.path.join(cfg['output_dir'], 'test'))
-    if d.is_main:
-        step = cfg['epochs'] * cfg.get('steps_per_epoch', 0)      # the curves' last step
-        utils.Log(cfg['output_dir'], log_dir=cfg['log_dir'], step=step).write(
-            'test', step, **{f'test_{k}': v for k, v in m.items()})
+    utils.log_result(cfg, d.is_main, 'test', **{f'test_{k}': v for k, v in m.items()})
     utils.cleanup_distributed()
 
 

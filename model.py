@@ -502,8 +502,9 @@ def _read_hub(path):
         sd = load_file(weights)
     else:
         sd = torch.load(weights, map_location='cpu', weights_only=True)
-    cfg_path = os.path.join(folder, 'config.json')
-    return sd, (json.load(open(cfg_path)) if os.path.isfile(cfg_path) else {})
+    cfg, pre = (os.path.join(folder, n) for n in ('config.json', 'preprocessor_config.json'))
+    cfg = json.load(open(cfg)) if os.path.isfile(cfg) else {}
+    return sd, {**cfg, 'preprocessor': json.load(open(pre)) if os.path.isfile(pre) else {}}
 
 
 def hub_config_notes(hub):
@@ -514,6 +515,9 @@ def hub_config_notes(hub):
         notes.append(f"config.json: layer_norm_eps {hub['layer_norm_eps']}; the official models "
                      "(and this one) use 1e-6")
     size = next((s for s, v in SIZES.items() if v['embed_dim'] == hub.get('hidden_size')), None)
+    if hub['preprocessor'].get('image_mean', [0.485])[0] != 0.485:
+        notes.append(f"preprocessor_config.json: image_mean {hub['preprocessor']['image_mean']}; "
+                     "the official models (and this code's stages) normalise with ImageNet's")
     heads = SIZES[size]['num_heads'] if size else None
     if size and hub.get('num_attention_heads', heads) != heads:
         notes.append(f"config.json: {hub['num_attention_heads']} heads for width "

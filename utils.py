@@ -33,6 +33,7 @@ SIZES = ('small', 'base', 'large', 'huge', 'giant')
 # Model-shape keys every stage stores in its config under these names, so that a checkpoint of one
 # stage rebuilds its encoder in another.
 SHAPE_KEYS = ('model', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'tubelet_size')
+INIT_KEYS = SHAPE_KEYS + ('num_frames', 'input_size')      # what --finetune's checkpoint sets
 
 
 # --------------------------------------------------------------------------------------------------
@@ -157,7 +158,7 @@ def shape(cfg):
     return dict(kw, img_size=cfg['input_size'], num_frames=cfg['num_frames'])
 
 
-def resolve(parser, argv, recipe_of, output_of, init_flag=None, init_keys=SHAPE_KEYS):
+def resolve(parser, argv, recipe_of, output_of, init_flag=None, init_keys=INIT_KEYS):
     """Flags > the config of the checkpoint being resumed > the initial weights' config (init_flag,
     e.g. --finetune: its init_keys; all keys: the run is that checkpoint's, no auto-resume) > the
     recipe row recipe_of(cfg). --resume auto finds the latest checkpoint of the output folder and
@@ -378,7 +379,8 @@ def checkpoint_meta(path):
         labels = c.get('id2label') or {}
         return {'config': dict(embed_dim=c['hidden_size'], depth=c['num_hidden_layers'],
                                num_heads=c['num_attention_heads'], patch_size=c['patch_size'],
-                               tubelet_size=c['tubelet_size']), 'stage': None,
+                               tubelet_size=c['tubelet_size'], num_frames=c['num_frames'],
+                               input_size=c['image_size']), 'stage': None,
                 'classes': [labels[k] for k in sorted(labels, key=int)]}
     obj = load_state(path)
     obj = obj if isinstance(obj, dict) else {}
@@ -634,6 +636,12 @@ def save(run, epoch, step_in_epoch):
             if old != path and (s or e % run.cfg['save_ckpt_freq']):
                 os.remove(old)
     return path
+
+
+def log_result(cfg, is_main, kind, **metrics):
+    """A final result (test scores, mAP) in log.jsonl and, with --log_dir, at the last step."""
+    step = cfg['epochs'] * cfg.get('steps_per_epoch', 0)
+    Log(cfg['output_dir'], is_main, cfg.get('log_dir'), step).write(kind, step, **metrics)
 
 
 def plot_curve(values, path, title):

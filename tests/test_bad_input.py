@@ -50,6 +50,8 @@ def cases(f, videos, pretrained, list_videos):
         'num_workers -1': ([*ft, '--num_workers', -1], 2, '--num_workers must be 0'),
         'batch_size 0': ([*ft, '--batch_size', 0], 2, '--batch_size must be at least 1'),
         'num_frames 7': ([*ft, '--num_frames', 7], 2, '--num_frames 7 is not divisible'),
+        'truncated --finetune to detect': (['detect.py', '--finetune', f / 'empty.pth',
+                                            '--output_dir', f / 'o3'], 1, 'empty.pth'),
         'half the videos broken': ([*pre[:-2], '--output_dir', f / 'o2', '--data_path',
                                     f / 'half-broken', '--epochs', 1], 1, '--max_failed_ratio'),
     }
@@ -58,7 +60,7 @@ def cases(f, videos, pretrained, list_videos):
 CASES = ['missing data_path', 'checkpoint of another size', 'classifier to --visualize',
          'text file to --predict', 'output_dir is a file', 'text file to --resume',
          'empty file to --resume', 'classifier run to --resume', 'input_size 0', 'num_workers -1',
-         'batch_size 0', 'num_frames 7', 'half the videos broken']
+         'batch_size 0', 'num_frames 7', 'truncated --finetune to detect', 'half the videos broken']
 
 
 @pytest.mark.slow

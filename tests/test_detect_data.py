@@ -10,8 +10,10 @@ import torch
 from torchvision.io import encode_jpeg
 
 import data
-from detect import (AVAClips, FrameFolder, VideoFolder, clip_offsets, entries_from, read_aia_json,
-                    read_ava_csv, read_excluded, read_label_map, transform_clip)
+import detect
+from detect import (AVAClips, FrameFolder, VideoFolder, clip_offsets, entries_from, extend_boxes,
+                    jitter_boxes, jitter_colour, read_aia_json, read_ava_csv, read_excluded,
+                    read_label_map, transform_clip)
 
 VID = '-5KQ66BBWC4'          # real AVA ids may start with '-'
 
@@ -185,3 +187,167 @@ def test_dataset_items_and_unreadable_frames(tmp_path):
     assert VID in bad['failed'] and len(bad['boxes']) == 0
     # replaced by another keyframe
     assert train[(1, 0)]['failed'] and len(train[(1, 0)]['boxes']) > 0
+
+
+# -- The official recipe's augmentations and clip span (AlphAction / VideoMAE-Action-Detection) ----
+def test_box_jitter_keeps_boxes_in_the_image_and_each_edge_within_its_bounds():
+    H, W = 40, 60
+    boxes = torch.tensor([[20., 10., 40., 30.],     # inside: the bounds show in full
+                          [0., 0., 60., 40.],       # the whole image: clamped
+                          [59.5, 39.5, 60., 40.]])  # half a pixel in the corner: kept >= 1 pixel
+    torch.manual_seed(0)
+    out = torch.stack([jitter_boxes(boxes, (H, W), 0.2, 0.1, 0.1, 0.05) for _ in range(2000)])
+    x1, y1, x2, y2 = out.unbind(-1)
+    assert (x1 >= 0).all() and (y1 >= 0).all() and (x2 <= W).all() and (y2 <= H).all()
+    assert (x2 >= x1 + 1 - 1e-5).all() and (y2 >= y1 + 1 - 1e-5).all()
+    assert (x1 <= W - 1).all() and (y1 <= H - 1).all()
+    # box 0 (w 20, h 20): x1 + 20 U(-0.2, 0.1), y1 + 20 U(-0.1, 0.05), x2 + 20 U(-0.1, 0.2),
+    # y2 + 20 U(-0.05, 0.1), and the draws fill those ranges
+    shift = out[:, 0] - boxes[0]
+    lo, hi = torch.tensor([-4., -2., -2., -1.]), torch.tensor([2., 1., 4., 2.])
+    assert (shift >= lo - 1e-4).all() and (shift <= hi + 1e-4).all()
+    assert (shift.amin(0) < lo + 0.05 * (hi - lo)).all()
+    assert (shift.amax(0) > hi - 0.05 * (hi - lo)).all()
+    assert (out[:, 2] == torch.tensor([59., 39., 60., 40.])).all()  # the corner box: 1 x 1 pixel
+    torch.manual_seed(0)                         # torch's RNG: the same seed, the same boxes
+    assert torch.equal(jitter_boxes(boxes, (H, W), 0.2, 0.1, 0.1, 0.05), out[0])
+
+
+def test_test_box_extension_matches_the_formula_and_is_clipped():
+    boxes = torch.tensor([[10., 20., 30., 60.],     # w 20, h 40: 1 px more each side in x, in y
+                          [0., 0., 50., 100.]])     # at the image's edges: clipped
+    assert extend_boxes(boxes, (100, 60), 0.1, 0.05).tolist() == [
+        [9, 19, 31, 61], [0, 0, 52.5, 100]]
+    assert torch.equal(extend_boxes(boxes, (100, 60), 0, 0), boxes)
+
+
+def test_colour_jitter_is_opencvs_hsv_shift():
+    # (RGB, (hue, sat, value) shift) -> RGB as the official cv2 RGB2HSV, shift, HSV2RGB gives it
+    cases = [((255, 0, 0), (60, 0, 0), (0, 255, 0)), ((255, 0, 0), (30, 0, 0), (255, 255, 0)),
+             ((255, 0, 0), (-30, 0, 0), (255, 0, 255)),                    # hue wraps around
+             ((128, 128, 128), (0, 26, 0), (128, 115, 115)),               # grey: hue 0 (red)
+             ((100, 50, 50), (0, 0, 26), (126, 63, 63)),
+             ((250, 100, 100), (0, 0, 26), (255, 102, 102)),               # V clamped at 255
+             ((0, 0, 0), (10, 26, 26), (26, 24, 23)),
+             ((200, 100, 50), (-10, -26, -26), (174, 61, 61)),
+             ((255, 255, 255), (0, -26, -26), (229, 229, 229)),
+             ((0, 255, 0), (10, 0, 0), (0, 255, 85)), ((40, 200, 120), (0, 26, 0), (20, 200, 110))]
+    for rgb, shift, want in cases:
+        px = torch.tensor(rgb, dtype=torch.uint8).view(1, 3, 1, 1)
+        assert jitter_colour(px, *shift).view(3).tolist() == list(want), (rgb, shift)
+    clip = torch.randint(0, 256, (3, 3, 8, 8), dtype=torch.uint8)
+    # no shift: only the uint8 HSV round trip's rounding (hue in steps of 2 degrees)
+    assert (jitter_colour(clip, 0, 0, 0).int() - clip.int()).abs().max() <= 12
+    cv2 = pytest.importorskip('cv2')
+    hsv = np.stack([cv2.cvtColor(f, cv2.COLOR_RGB2HSV) for f in clip.permute(0, 2, 3, 1).numpy()])
+    hsv = hsv.astype(np.int32) + [5, 13, -7]
+    hsv[..., 0] %= 180
+    want = np.stack([cv2.cvtColor(f, cv2.COLOR_HSV2RGB) for f in hsv.clip(0, 255).astype(np.uint8)])
+    diff = np.abs(jitter_colour(clip, 5, 13, -7).permute(0, 2, 3, 1).numpy().astype(int) - want)
+    assert (diff <= 1).mean() > 0.98
+
+
+def ava_frames(tmp_path, n=121, H=16, W=24):
+    for i, f in enumerate(numbered_frames(n, H, W)):
+        p = tmp_path / 'frames' / VID / f'{VID}_{i + 1:06d}.jpg'
+        os.makedirs(p.parent, exist_ok=True)
+        p.write_bytes(encode_jpeg(torch.from_numpy(f).permute(2, 0, 1)).numpy().tobytes())
+    return FrameFolder(str(tmp_path / 'frames'))
+
+
+def test_colour_jitter_is_one_draw_per_clip_and_a_function_of_seed_epoch_index(tmp_path,
+                                                                                  monkeypatch):
+    src = ava_frames(tmp_path, H=32, W=48)                # flat grey frames: one colour each
+    entries = entries_from({(VID, 902): {(0.1, 0.1, 0.5, 0.9): [{12}, 1.0]}})
+    kw = dict(num_frames=4, sampling_rate=4, input_size=32, short_side=32, seed=0, flip=False)
+    plain = AVAClips(entries, src, train=True, **kw)
+    jit = AVAClips(entries, src, train=True, color_jitter=[10, 26, 26], **kw)
+    draws = []
+    real = detect.jitter_colour
+    monkeypatch.setattr(detect, 'jitter_colour', lambda clip, *s: draws.append(s) or real(clip, *s))
+    a, b, c = jit[(0, 3)], jit[(0, 3)], jit[(0, 4)]
+    assert len(draws) == 3 and all(len(d) == 3 for d in draws)   # one (h, s, v) draw per clip
+    assert all(abs(int(v)) <= m for d in draws for v, m in zip(d, (10, 26, 26)))
+    assert torch.equal(a['video'], b['video']) and [int(v) for v in draws[0]] == [
+        int(v) for v in draws[1]]                                  # (seed, epoch, index): the same
+    assert not torch.equal(a['video'], c['video'])                 # another epoch, another draw
+    ref = plain[(0, 3)]['video']                                   # the same crop, unjittered
+    assert torch.equal(a['video'], real(ref.transpose(0, 1), *draws[0]).transpose(0, 1))
+    # every frame shifted alike: each frame on its own gives the same as the whole clip
+    frames = [real(ref.transpose(0, 1)[t:t + 1], *draws[0]) for t in range(4)]
+    assert torch.equal(torch.cat(frames).transpose(0, 1), a['video'])
+    test = AVAClips(entries, src, train=False, color_jitter=[10, 26, 26], **kw)
+    draws.clear()
+    test[0]
+    assert draws == []                                             # training only
+
+
+def test_dataset_jitters_training_boxes_and_extends_test_rois_only(tmp_path):
+    src = ava_frames(tmp_path, H=32, W=48)
+    entries = entries_from({(VID, 902): {(0.25, 0.25, 0.5, 0.75): [{12}, 0.9]}})
+    kw = dict(num_frames=4, sampling_rate=4, input_size=32, short_side=32, seed=0, flip=False)
+    aug = dict(box_jitter=[0.2, 0.1, 0.1, 0.05], test_box_extend=[0.1, 0.05])
+    plain, jit = AVAClips(entries, src, train=True, **kw)[(0, 1)], AVAClips(
+        entries, src, train=True, **kw, **aug)[(0, 1)]
+    assert torch.equal(plain['video'], jit['video'])
+    assert not torch.equal(plain['boxes'], jit['boxes'])
+    w, h = (plain['boxes'][0, 2:] - plain['boxes'][0, :2]).tolist()
+    d = (jit['boxes'] - plain['boxes'])[0].tolist()
+    assert -0.2 * w <= d[0] <= 0.1 * w and -0.1 * h <= d[1] <= 0.05 * h
+    assert -0.1 * w <= d[2] <= 0.2 * w and -0.05 * h <= d[3] <= 0.1 * h
+    t0, t = AVAClips(entries, src, train=False, **kw)[0], AVAClips(entries, src, train=False, **kw,
+                                                                 **aug)[0]
+    # RoIs: the 12 x 16 box at (12, 8) gets 0.6 px each side in x, 0.4 in y; the reported box stays
+    assert t0['boxes'].tolist() == [[12, 8, 24, 24]]
+    assert t['boxes'][0].tolist() == pytest.approx([11.4, 7.6, 24.6, 24.4])
+    assert torch.equal(t['norm_boxes'], entries[0][2]) and torch.equal(t['scores'], t0['scores'])
+    assert torch.equal(t['video'], t0['video'])
+
+
+def sampled_frames(clip):
+    return [round(v / 2) for v in clip.float().mean((1, 2, 3)).tolist()]
+
+
+def test_clip_span_is_16_x_4_frames_at_25_fps_whatever_the_source(tmp_path, monkeypatch):
+    """The official clips are 25 fps: 16 x 4 frames span 64 / 25 = 2.56 s. Span: first to last
+    sample plus one stride, in seconds."""
+    span = lambda idx, fps: (idx[-1] - idx[0]) / fps * 16 / 15
+    offsets = clip_offsets(16, 4)
+    # SlowFast frames (30 fps), through the dataset: the keyframe of 902 is frame 60
+    src = ava_frames(tmp_path)
+    entries = entries_from({(VID, 902): {(0.1, 0.1, 0.5, 0.9): [{12}, 1.0]}})
+    kw = dict(num_frames=16, sampling_rate=4, input_size=16, short_side=16, seed=0, flip=False)
+    item = lambda fps: AVAClips(entries, src, train=False, clip_fps=fps, **kw)[0]['video']
+    idx = sampled_frames(item(25).transpose(0, 1))
+    assert idx[0] == 60 - 37 and idx[-1] == 60 + 35 and span(idx, 30) == pytest.approx(64 / 25)
+    old = sampled_frames(item(0).transpose(0, 1))                  # off: the source's frames
+    assert old == [60 + o for o in offsets] and span(old, 30) == pytest.approx(64 / 30)
+    # videos: whatever frame rate they report, the same 2.56 s
+    asked = []
+    monkeypatch.setattr(data, 'decode_frames', lambda path, idx, **kw: asked.append(idx) or
+                        torch.zeros(len(idx), 4, 4, 3, dtype=torch.uint8))
+    (tmp_path / 'videos').mkdir()
+    (tmp_path / 'videos' / f'{VID}.mp4').write_bytes(b'')
+    for fps in (25, 30, 29.97):
+        monkeypatch.setattr(data, 'video_info', lambda path: (100000, fps, 4, 4))
+        VideoFolder(str(tmp_path / 'videos'), start=0).clip(VID, 902, offsets, 25)
+        assert span(asked[-1], fps) == pytest.approx(64 / 25, abs=1 / fps)
+        key = round(902 * fps)
+        assert asked[-1][0] - key == round(-31 * fps / 25)
+        assert asked[-1][-1] - key == round(29 * fps / 25)
+    assert [i - 902 * 25 for i in asked[0]] == offsets             # at 25 fps: the offsets as such
+    assert span(asked[1], 30) == pytest.approx(64 / 25)
+
+
+def test_recipe_rows_have_the_official_augmentations_each_a_flag_away_from_off(tmp_path):
+    args = ['--data_path', str(tmp_path), '--output_dir', str(tmp_path / 'out')]
+    cfg = detect.resolve(args)
+    assert (cfg['box_jitter'], cfg['test_box_extend'], cfg['color_jitter'], cfg['clip_fps']) == (
+        [0.2, 0.1, 0.1, 0.05], [0.1, 0.05], [10, 26, 26], 25)
+    assert all(detect.RECIPES[k]['clip_fps'] == 25 for k in detect.RECIPES)
+    cfg = detect.resolve(args + ['--box_jitter', '--test_box_extend', '0', '--color_jitter', '0',
+                                 '--clip_fps', '0'])
+    assert (cfg['box_jitter'], cfg['test_box_extend'], cfg['color_jitter'], cfg['clip_fps']) == (
+        [], [0.0], [0], 0.0)
+    with pytest.raises(SystemExit):
+        detect.resolve(args + ['--box_jitter', '0.2', '0.1'])

@@ -117,8 +117,11 @@ def test_a_hub_config_that_disagrees_with_the_official_architecture_is_reported(
     hub = transformers.VideoMAEForVideoClassification(transformers.VideoMAEConfig(
         **{**HUB, 'layer_norm_eps': 1e-12}, num_labels=2))
     hub.save_pretrained(tmp_path)
+    (tmp_path / 'preprocessor_config.json').write_text(json.dumps(
+        {'image_mean': [0.5, 0.5, 0.5], 'image_std': [0.5, 0.5, 0.5]}))
     report = vmae.load_checkpoint(ours_like(tmp_path, 2), tmp_path)
     assert any('layer_norm_eps 1e-12' in n for n in report['notes'])
+    assert any('image_mean [0.5, 0.5, 0.5]' in n for n in report['notes'])
 
 
 @pytest.mark.slow

@@ -115,6 +115,18 @@ def test_torchrun_ranks_hold_identical_weights_and_split_the_batch(list_videos, 
 
 
 @pytest.mark.slow
+@pytest.mark.parametrize('world', [1, 2, 4])
+def test_the_recipe_runs_on_any_process_count_that_divides_its_total_batch(world, list_videos,
+                                                                          tmp_path):
+    i = PRETRAIN.index('--batch_size')                     # unset: the per-process batch follows
+    args = [*PRETRAIN[:i], *PRETRAIN[i + 2:], '--data_path', list_videos, '--total_batch', 8,
+            '--epochs', 1, '--output_dir', tmp_path]
+    run('pretrain.py', *args, torchrun=world if world > 1 else 0)
+    cfg = utils.load_state(str(tmp_path / 'checkpoint-00001.pth'))['config']
+    assert (cfg['world_size'], cfg['batch_size'], cfg['accum_iter']) == (world, 8 // world, 1)
+
+
+@pytest.mark.slow
 def test_a_second_run_into_a_folder_in_use_refuses(list_videos, tmp_path):
     args = [*PRETRAIN, '--data_path', list_videos, '--epochs', 50, '--output_dir', tmp_path]
     first = start('pretrain.py', args)
@@ -143,6 +155,8 @@ def test_a_failing_checkpoint_write_says_where_and_leaves_no_partial_file(list_v
             and 'Traceback' not in err)
     assert not [f for f in os.listdir(tmp_path) if '.tmp' in f]
     assert checkpoints(tmp_path) == []
+    run('pretrain.py', *args)                                # space again: the same command runs
+    assert checkpoints(tmp_path) == ['checkpoint-00002.pth', 'checkpoint-00004.pth']
 
 
 def test_the_per_process_batch_follows_the_total_batch_and_the_process_count():

@@ -47,3 +47,14 @@ def test_log_dir_without_tensorboard_says_what_to_install(list_videos, tmp_path)
     assert p.returncode == 1
     assert 'error: --log_dir needs the tensorboard package: pip install tensorboard' in p.stderr
     assert 'Traceback' not in p.stderr
+
+
+@pytest.mark.slow
+def test_log_dir_holds_validation_and_test_scores(videos, pretrained, tmp_path):
+    from conftest import TINY
+    run('finetune.py', '--dataset', 'ucf101', '--data_path', videos, '--finetune', pretrained,
+        *TINY, '--output_dir', tmp_path / 'ft', '--log_dir', tmp_path / 'tb')
+    acc = scalars(tmp_path / 'tb')
+    assert [e.step for e in acc.Scalars('epoch/val_top1')] == [2, 4]     # 2 steps an epoch
+    assert [e.step for e in acc.Scalars('test/test_top1')] == [4]        # at the last step
+    assert 'test/test_top5' in acc.Tags()['scalars']
