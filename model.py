@@ -426,6 +426,9 @@ def load_checkpoint(model, path):
                        'checkpoint: encoder loaded; decoder, encoder_to_decoder, mask_token and '
                        'encoder.norm left out; fc_norm and head keep their fresh init')
         sd = {k.removeprefix('encoder.'): v for k, v in sd.items()}
+    if classifier and kind == 'hub' and not any(k.startswith(('head.', 'fc_norm.')) for k in sd):
+        sd = leave_out(lambda k: False, ('fc_norm.', 'head.'), 'a bare VideoMAEModel: fc_norm and '
+                       'head keep their init')
     if classifier and not is_pre and 'fc_norm.weight' in sd and 'fc_norm.weight' not in target:
         # a mean-pooling classifier (e.g. Kinetics-fine-tuned) into a token-norm model (AVA): as the
         # official detection code, fc_norm is left out and the token LayerNorm starts at 1/0
@@ -473,7 +476,7 @@ def _from_hub(sd):
     pre, out, qkv = 'mask_token' in sd, {}, {}
     for k, v in sd.items():
         enc = k.startswith('videomae.')
-        k = re.sub(r'^videomae\.layernorm\.', 'norm.', re.sub(r'^classifier\.', 'head.', k))
+        k = re.sub(r'^(videomae\.)?layernorm\.', 'norm.', re.sub(r'^classifier\.', 'head.', k))
         for hub, ours in _HUB:
             k = k.replace(hub, ours)
         k = ('encoder.' if pre and enc else '') + k.removeprefix('videomae.')

@@ -838,7 +838,7 @@ def load_weights(load, model, path, flag, is_main=True):
     naming the flag."""
     try:
         report = load(model, path)
-    except (ValueError, OSError) as e:
+    except (ValueError, OSError, ImportError) as e:   # ImportError: pip install safetensors
         raise SystemExit(f'error: {flag} {path}: {e}') from None
     if is_main:
         print(f"loaded {path} ({report['source']}): missing {report['missing'][:6]}, unused "

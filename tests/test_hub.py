@@ -141,3 +141,15 @@ def test_the_stages_take_hub_folders_and_write_them(tmp_path, videos, pretrained
     hub, info = transformers.VideoMAEForPreTraining.from_pretrained(tmp_path / 'pre',
                                                                      output_loading_info=True)
     assert not any(info.values()) and hub.config.hidden_size == 32
+
+
+def test_a_bare_videomae_model_gives_our_encoder_features(tmp_path):
+    hub = randomised(transformers.VideoMAEModel(transformers.VideoMAEConfig(**HUB)))
+    hub.save_pretrained(tmp_path)
+    size, shape = vmae.hub_shape(json.load(open(tmp_path / 'config.json')))
+    ours = vmae.build_classifier(size, 0, **shape).eval()   # features only: no head
+    report = vmae.load_checkpoint(ours, tmp_path)
+    assert report['source'] == 'hub-classifier' and 'bare VideoMAEModel' in report['notes'][-1]
+    with torch.no_grad():
+        got, want = ours.forward_features(VIDEO), hub(VIDEO.transpose(1, 2)).last_hidden_state
+    assert rel_err(got, want) <= 2e-5
