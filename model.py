@@ -8,7 +8,6 @@ Appendix Table 8 (ViT-B, 16 frames at 224x224), read top to bottom:
   decoder         4 x [MHA(384), MLP(1536)] over all 1568 tokens
   head            Linear 384 -> 1536 = 3 x 2 x 16 x 16 pixels per masked cube (see cube_targets)
 Fine-tuning drops the decoder: all tokens through the encoder, mean-pool, LayerNorm, Linear.
-
 Parameter names and shapes are the official release's (MCG-NJU/VideoMAE), so its .pth files load
 strict. Positions are a fixed sine table (no parameter) recomputed for the input's token grid.
 """
@@ -25,15 +24,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-# Encoder / decoder sizes of the official release. Decoder depth: 4 for small/base (Table 8), 12 for
-# large/huge (the official scripts and released checkpoints). Huge has head dim 80.
+# Sizes of the official release: decoder depth 4 for small/base (Table 8), 12 for large/huge (its
+# scripts and checkpoints); huge has head dim 80. Giant is VideoMAE V2's ViT-g/14 (its
+# vit_g_hybrid_pt.sh). The two largest checkpoint their activations by default (memory).
 _SIZE_KEYS = 'embed_dim depth num_heads decoder_embed_dim decoder_num_heads decoder_depth'.split()
 SIZES = {name: dict(zip(_SIZE_KEYS, row)) for name, row in {
     'small': (384, 12, 6, 192, 3, 4), 'base': (768, 12, 12, 384, 6, 4),
     'large': (1024, 24, 16, 512, 8, 12), 'huge': (1280, 32, 16, 640, 8, 12),
     'giant': (1408, 40, 16, 512, 8, 4)}.items()}
-# ViT-g/14 of VideoMAE V2 (its models and scripts/pretrain/vit_g_hybrid_pt.sh); the two largest
-# sizes checkpoint their activations by default (memory).
 SIZES['giant'].update(patch_size=14, mlp_ratio=48 / 11, use_checkpoint=True)
 SIZES['huge'].update(use_checkpoint=True)
 # The options the stages set; use_mean_pooling=False and interpolate_pos are the AVA backbone's.
@@ -53,9 +51,6 @@ def _config(size, overrides):
     for dim, heads in (('embed_dim', 'num_heads'), ('decoder_embed_dim', 'decoder_num_heads')):
         if cfg[dim] % cfg[heads]:
             raise ValueError(f"{dim}={cfg[dim]} is not divisible by {heads}={cfg[heads]}")
-    for k in ('drop_path_rate', 'fc_drop_rate'):
-        if not 0.0 <= cfg[k] < 1.0:
-            raise ValueError(f"{k} must be in [0, 1), got {cfg[k]}")
     return cfg
 
 
@@ -68,13 +63,10 @@ def grid_of(shape, patch_size, tubelet_size):
     return T // tubelet_size, H // patch_size, W // patch_size
 
 
-def _check_video(video):
+def _cube_view(video, patch_size, tubelet_size):
+    """(B, 3, T, H, W) -> view (B, T', H', W', 3, t, p, p): one entry per cube, no copy."""
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"expected a video (B, 3, T, H, W), got shape {tuple(video.shape)}")
-
-
-def _cube_view(video, patch_size, tubelet_size):
-    """(B, C, T, H, W) -> view (B, T', H', W', C, t, p, p): one entry per cube, no copy."""
     (T_, H_, W_), t, p = grid_of(video.shape, patch_size, tubelet_size), tubelet_size, patch_size
     return video.reshape(*video.shape[:2], T_, t, H_, p, W_, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
 
@@ -92,8 +84,6 @@ def sincos_table(n, dim, device):
 def resize_pos_embed(pe, old_grid, new_grid):
     """Position table (1, T0*H0*W0, D) -> (1, T1*H1*W1, D): bicubic over space per time slice (as
     the official code does), linear over time if the frame count changed too."""
-    if tuple(old_grid) == tuple(new_grid):
-        return pe
     (T0, H0, W0), (T1, H1, W1), D = old_grid, new_grid, pe.shape[-1]
     x = pe.reshape(T0, H0, W0, D).permute(0, 3, 1, 2)                      # (T0, D, H0, W0)
     x = F.interpolate(x.float(), size=(H1, W1), mode='bicubic', align_corners=False)
@@ -132,10 +122,8 @@ class Attention(nn.Module):
     bias of its own: q and v get learned biases, k none (it would cancel in the softmax)."""
     def __init__(self, dim, num_heads):
         super().__init__()
-        self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, 3 * dim, bias=False)                      # rows: q | k | v
-        self.q_bias = nn.Parameter(torch.zeros(dim))
-        self.v_bias = nn.Parameter(torch.zeros(dim))
+        self.num_heads, self.qkv = num_heads, nn.Linear(dim, 3 * dim, bias=False)  # rows q | k | v
+        self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
     def forward(self, x):                                                   # (B, N, C)
@@ -151,11 +139,9 @@ class Block(nn.Module):
     """Pre-norm: x + DropPath(Attn(LN(x))), then x + DropPath(MLP(LN(x)))."""
     def __init__(self, dim, num_heads, mlp_ratio, drop_path):
         super().__init__()
-        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
-        self.attn = Attention(dim, num_heads)
-        self.drop_path = DropPath(drop_path)
-        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         hidden = int(dim * mlp_ratio)
+        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
+        self.drop_path, self.norm2 = DropPath(drop_path), nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
                                              fc2=nn.Linear(hidden, dim)))
 
@@ -171,8 +157,7 @@ class Blocks(nn.ModuleList):
         super().__init__(Block(dim, num_heads, cfg['mlp_ratio'], r) for r in rates)
         self.use_checkpoint = cfg['use_checkpoint']
 
-    def forward(self, x):
-        # gradient checkpointing recomputes each block's activations in backward (memory for large)
+    def forward(self, x):      # checkpointing recomputes each block in backward (memory for large)
         ckpt = self.use_checkpoint and self.training and torch.is_grad_enabled()
         for blk in self:
             x = checkpoint(blk, x, use_reentrant=False) if ckpt else blk(x)
@@ -194,18 +179,17 @@ class VisionTransformer(nn.Module):
     dropout, head. Pre-training's encoder: no pooling or head (encoder.* names), visible cubes."""
     def __init__(self, cfg, num_classes):
         super().__init__()
-        self.config, self.embed_dim = {**cfg, 'num_classes': num_classes}, cfg['embed_dim']
-        self.patch_size, self.tubelet_size = cfg['patch_size'], cfg['tubelet_size']
-        D, self.use_mean_pooling = self.embed_dim, cfg['use_mean_pooling']
+        D, pool = cfg['embed_dim'], cfg['use_mean_pooling']
+        self.config, self.embed_dim = {**cfg, 'num_classes': num_classes}, D
+        self.patch_size, self.tubelet_size = p, t = cfg['patch_size'], cfg['tubelet_size']
         # cube embedding: Conv3d with kernel = stride = (t, p, p), i.e. one Linear per cube
-        cube = (self.tubelet_size, self.patch_size, self.patch_size)
-        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(3, D, cube, cube)))
+        self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(3, D, (t, p, p), (t, p, p))))
         self.pos_grid = self.grid((cfg['num_frames'], cfg['img_size'], cfg['img_size']))
         self.blocks = Blocks(D, cfg['depth'], cfg['num_heads'], cfg)
         # Official: no final norm under mean pooling; else norm, and forward takes the FIRST token
         # (the official "cls" path; AVA and pre-training take the normed tokens of forward_features)
-        self.norm = nn.Identity() if self.use_mean_pooling else nn.LayerNorm(D, eps=1e-6)
-        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if self.use_mean_pooling else nn.Identity()
+        self.norm = nn.Identity() if pool else nn.LayerNorm(D, eps=1e-6)
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6) if pool else nn.Identity()
         self.fc_dropout = nn.Dropout(cfg['fc_drop_rate'])
         self.head = nn.Linear(D, num_classes) if num_classes > 0 else nn.Identity()
 
@@ -215,24 +199,23 @@ class VisionTransformer(nn.Module):
     def forward_features(self, video, visible=None):
         """(B, 3, T, H, W) -> tokens (B, N, D) in (t, h, w) order; given visible (B, N_vis), the
         indices of the visible cubes (pre-training), only those: (B, N_vis, D)."""
-        _check_video(video)
-        B, (T_, H_, W_), proj = video.shape[0], self.grid(video.shape), self.patch_embed.proj
+        grid, proj = self.grid(video.shape), self.patch_embed.proj
+        cubes = _cube_view(video, self.patch_size, self.tubelet_size)  # (B, T', H', W', 3, t, p, p)
         if visible is None:
             x = proj(video).flatten(2).transpose(1, 2)                          # (B, N, D)
         else:
             # Only the visible cubes are embedded, a tenth of the work at ratio 0.9: their pixels
             # (B, N_vis, 3, t, p, p), gathered from the strided cube view, times the Conv3d weight.
-            t, h, w = visible // (H_ * W_), visible // W_ % H_, visible % W_
-            b = torch.arange(B, device=video.device)[:, None]
-            cubes = _cube_view(video, self.patch_size, self.tubelet_size)[b, t, h, w]
+            b = torch.arange(video.shape[0], device=video.device)[:, None]
+            cubes = cubes[(b, *torch.unravel_index(visible, grid))]       # cube index -> t, h, w
             x = F.linear(cubes.flatten(2), proj.weight.flatten(1), proj.bias)    # (B, N_vis, D)
-        pos = _positions(self, (T_, H_, W_), self.embed_dim, x.device).to(x.dtype)  # (N, D)
+        pos = _positions(self, grid, self.embed_dim, x.device).to(x.dtype)      # (N, D)
         x = x + (pos if visible is None else pos[visible])
         return self.norm(self.blocks(x))
 
     def forward(self, video):                                 # -> (B, num_classes) logits
         x = self.forward_features(video)
-        x = x.mean(1) if self.use_mean_pooling else x[:, 0]
+        x = x.mean(1) if self.config['use_mean_pooling'] else x[:, 0]
         return self.head(self.fc_dropout(self.fc_norm(x)))
 
 
@@ -248,16 +231,13 @@ class PretrainVideoMAE(nn.Module):
         self.encoder_to_decoder = nn.Linear(cfg['embed_dim'], Dd, bias=False)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, Dd))
 
-    def grid(self, shape):
-        return self.encoder.grid(shape)
+    grid = VisionTransformer.grid                  # the same token grid: patch_size, tubelet_size
 
     def forward(self, video, mask, decoder_mask=None):
         """video (B, 3, T, H, W) ImageNet-normalised, mask (B, N) bool True = masked, the same count
         in every row -> predictions (B, N_masked, 3*t*p*p) of the masked cubes in index order.
-        decoder_mask (B, N) True = not decoded (V2's dual masking): mask tokens only for the cubes
-        it keeps, visible ones included as V2 does (the same count in every row), and predictions
-        for those (B, N_kept, 3*t*p*p); the loss then counts the kept cubes that are masked."""
-        _check_video(video)
+        V2's dual masking: decoder_mask (B, N) True = not decoded; mask tokens then only for the
+        cubes it keeps (visible ones too, as V2; the same count per row), predictions for those."""
         B, N = video.shape[0], math.prod(self.grid(video.shape))
         if mask.numel() != B * N:
             raise ValueError(f"mask must hold {B} x {N} entries for a video of shape "
@@ -297,10 +277,7 @@ def build_pretrain(size, **overrides):
 
 
 def build_classifier(size, num_classes, **overrides):
-    """Fine-tuning classifier; build_classifier(**model.config) rebuilds it."""
-    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
-        raise ValueError(f"num_classes must be an int >= 0 (0 = no head, features only), "
-                         f"got {num_classes!r}")
+    """Fine-tuning classifier (num_classes 0: features only); build_classifier(**model.config)."""
     model = VisionTransformer(cfg := _config(size, overrides), num_classes)
     with torch.no_grad():                        # official fine-tune init: Linear N(0, .02)
         _init_weights(model, lambda w: nn.init.trunc_normal_(w, std=0.02))
@@ -315,12 +292,11 @@ def cube_targets(video, patch_size=16, tubelet_size=2, normalize=True):
     """Pixel targets of every cube: (B, 3, T, H, W) ImageNet-normalised -> (B, N, 3*t*p*p) fp32,
     cubes in token order, each flattened (time, row, column, channel), channel fastest; per cube and
     channel (x - mean) / (unbiased std + 1e-6), or with normalize=False the [0, 1] pixels."""
-    _check_video(video)
     B, t, p = video.shape[0], tubelet_size, patch_size
-    mean = torch.tensor([0.485, 0.456, 0.406], device=video.device).view(3, 1, 1, 1)  # ImageNet's,
-    std = torch.tensor([0.229, 0.224, 0.225], device=video.device).view(3, 1, 1, 1)   # as data.py
+    mean, std = torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]],  # ImageNet's, as in
+                             device=video.device).view(2, 3, 1, 1, 1)         # data.py
     with torch.autocast(video.device.type, enabled=False):
-        x = _cube_view(video.float() * std + mean, p, t)              # (B, T', H', W', 3, t, p, p)
+        x = _cube_view(video.float(), p, t) * std + mean              # (B, T', H', W', 3, t, p, p)
         x = x.permute(0, 1, 2, 3, 5, 6, 7, 4).reshape(B, -1, t * p * p, 3)
         if normalize:
             x = (x - x.mean(-2, keepdim=True)) / (x.std(-2, keepdim=True) + 1e-6)
@@ -334,14 +310,14 @@ def pretrain_loss(pred, video, mask, patch_size=16, tubelet_size=2, normalize=Tr
     target = cube_targets(video, patch_size, tubelet_size, normalize)          # (B, N, 3*t*p*p)
     B, N, P = target.shape
     mask = mask.reshape(B, N).to(target.device, torch.bool)
-    keep = mask if decoder_mask is None else ~decoder_mask.reshape(B, N).to(mask.device, torch.bool)
-    target = target[keep].reshape(B, -1, P)
+    rows = mask if decoder_mask is None else ~decoder_mask.reshape(B, N).to(mask.device, torch.bool)
+    target = target[rows].reshape(B, -1, P)
     if pred.shape != target.shape:
         raise ValueError(f"predictions {tuple(pred.shape)} do not match the decoded-cube targets "
                          f"{tuple(target.shape)}")
     if decoder_mask is None:
         return F.mse_loss(pred.float(), target)
-    w = mask[keep].reshape(B, -1).float()                      # 1 = masked: counted in the loss
+    w = mask[rows].reshape(B, -1).float()                      # 1 = masked: counted in the loss
     return ((pred.float() - target) ** 2).mean(-1).mul(w).sum() / w.sum()
 
 
@@ -354,40 +330,39 @@ def reconstruct(video, mask, pred, patch_size=16, tubelet_size=2, normalize=True
     B, t, p = video.shape[0], tubelet_size, patch_size
     cubes = cube_targets(video, p, t, normalize=False).view(B, -1, t * p * p, 3)   # [0, 1]
     m = mask.reshape(B, -1).to(device=video.device, dtype=torch.bool)
-    out = pred.float().reshape(B, -1, t * p * p, 3)
-    if decoder_mask is not None:                 # the rows of pred are the decoded cubes
-        keep = ~decoder_mask.reshape(B, -1).to(device=video.device, dtype=torch.bool)
-        full = torch.zeros_like(cubes)
-        full[keep] = out.flatten(0, 1)
-        cubes[m & ~keep], out = 0.0, full[m & keep]
-        m = m & keep
-    out, gt = out.reshape(-1, t * p * p, 3), cubes[m]                             # (M, t*p*p, 3)
+    rows = m if decoder_mask is None else ~decoder_mask.reshape(B, -1).to(m.device, torch.bool)
+    out = pred.float().reshape(-1, t * p * p, 3)                  # the cubes of rows, in order
     if normalize:
+        gt = cubes[rows]
         out = out * (gt.std(-2, keepdim=True) + 1e-6) + gt.mean(-2, keepdim=True)
-    cubes[m] = out
+    cubes[m & ~rows] = 0.0
+    cubes[m & rows] = out[m[rows]]
     x = cubes.view(B, *grid_of(video.shape, p, t), t, p, p, 3)                    # back to pixels
     return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(video.shape).clamp(0, 1)
 
 
 # ----------------------------------------------------------------------------- checkpoints
 def _read_state_dict(path):
-    """-> (state dict in our names, without the prefixes of DDP 'module.', torch.compile
-    '_orig_mod.' and the official AVA code 'backbone.'; 'ours', 'official' or 'hub'; notes)."""
-    path = os.fspath(path)
-    if os.path.isfile(os.path.join(path, 'config.json')) or path.endswith('.safetensors'):
-        sd, hub = _read_hub(path)                                        # transformers' layout
-        return _from_hub(sd), 'hub', hub_config_notes(hub)
-    if os.path.isfile(os.path.join(path, 'mp_rank_00_model_states.pt')):  # a DeepSpeed folder
-        path = os.path.join(path, 'mp_rank_00_model_states.pt')
+    """A .pth file, a transformers folder or weights file, or a DeepSpeed folder -> (state dict in
+    our names, without DDP's 'module.', torch.compile's '_orig_mod.' and the official AVA code's
+    'backbone.' prefixes; 'ours', 'official' or 'hub'; notes)."""
+    files = ('model.safetensors', 'pytorch_model.bin', 'mp_rank_00_model_states.pt')
+    path = next((f for f in (os.path.join(path, n) for n in files) if os.path.isfile(f)),
+                os.fspath(path))
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint {path!r} does not exist")
-    try:                                    # official checkpoints pickle their args Namespace
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            obj = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        raise ValueError(f"cannot read checkpoint {path!r} with torch.load(weights_only=True) "
-                         f"({type(e).__name__}: {str(e)[:300]}). If you trust the file, load it "
-                         f"with weights_only=False and save only its state dict.") from e
+        raise FileNotFoundError(f"no checkpoint at {path!r} (a file, or a folder with one of "
+                                f"{', '.join(files)})")
+    if path.endswith('.safetensors'):
+        from safetensors.torch import load_file             # ImportError: pip install safetensors
+        obj = load_file(path)
+    else:
+        try:                                # official checkpoints pickle their args Namespace
+            with torch.serialization.safe_globals([argparse.Namespace]):
+                obj = torch.load(path, map_location='cpu', weights_only=True)
+        except Exception as e:
+            raise ValueError(f"cannot read checkpoint {path!r} with torch.load(weights_only=True) "
+                             f"({type(e).__name__}: {str(e)[:300]}). If you trust the file, load "
+                             "it with weights_only=False and save only its state dict.") from e
     sd = next((obj[k] for k in ('model', 'module', 'state_dict')
                if isinstance(obj, dict) and isinstance(obj.get(k), dict)), obj)
     if not isinstance(sd, dict) or not sd or not all(torch.is_tensor(v) for v in sd.values()):
@@ -395,61 +370,59 @@ def _read_state_dict(path):
         raise ValueError(f"checkpoint {path!r} holds no state dict (a dict of tensors, bare or "
                          f"under 'model'/'module'); found {top}")
     sd = {re.sub(r'^((module|_orig_mod|backbone)\.)+', '', k): v for k, v in sd.items()}
-    if any(k.startswith(('videomae.', 'embeddings.patch_embeddings')) for k in sd):
-        return _from_hub(sd), 'hub', []                                  # pytorch_model.bin alone
-    return sd, 'ours' if isinstance(obj, dict) and 'config' in obj else 'official', []
+    if any(k.startswith(('videomae.', 'embeddings.patch_embeddings')) for k in sd):  # transformers'
+        return _from_hub(sd), 'hub', hub_config_notes(os.path.dirname(path))
+    return sd, 'ours' if 'config' in obj else 'official', []
 
 
 def load_checkpoint(model, path):
-    """Load an official or our checkpoint into a PretrainVideoMAE or VisionTransformer, silently.
-    -> {'missing': model keys left at init, 'unexpected': checkpoint keys unused, 'source':
-    '{official|ours}-{pretrain|classifier}', 'notes': [why, in words]}. What fine-tuning leaves out
-    (below) is reported; anything else must match, else ValueError naming the keys and shapes."""
+    """Load an official, our or a transformers checkpoint into a PretrainVideoMAE or
+    VisionTransformer -> {'missing': model keys left at init, 'unexpected': checkpoint keys unused,
+    'source': '{official|ours|hub}-{pretrain|classifier}', 'notes': [why, in words]}. What
+    fine-tuning leaves out (below) is reported; all else must fit, or a ValueError names it."""
     sd, kind, notes = _read_state_dict(path)
     is_pre = any(k.startswith(('encoder.', 'decoder.')) or k == 'mask_token' for k in sd)
     source = kind + ('-pretrain' if is_pre else '-classifier')
     target, classifier = model.state_dict(), isinstance(model, VisionTransformer)
     unexpected, may_miss = [], set()
 
-    def leave_out(drop, fresh, note):  # drop(k): checkpoint keys unused; fresh: model keys at init
-        unexpected.extend(k for k in sd if drop(k))
+    def leave_out(drop, fresh, note):   # checkpoint keys starting with drop go unused, model keys
+        unexpected.extend(k for k in sd if k.startswith(drop))    # starting with fresh keep init
         may_miss.update(k for k in target if k.startswith(fresh))
         notes.append(note)
-        return {k: v for k, v in sd.items() if not drop(k)}
+        return {k: v for k, v in sd.items() if not k.startswith(drop)}
 
     if classifier and is_pre:
         # Fine-tuning keeps encoder.* (prefix removed); encoder.norm becomes the token norm of a
         # model without mean pooling (AVA), else it is left out like the decoder side.
         pre_only = ('decoder.', 'encoder_to_decoder.', 'encoder.head.', 'mask_token') + \
             (() if 'norm.weight' in target else ('encoder.norm.',))
-        sd = leave_out(lambda k: k.startswith(pre_only), ('fc_norm.', 'head.'), 'pre-training '
-                       'checkpoint: encoder loaded; decoder, encoder_to_decoder, mask_token and '
-                       'encoder.norm left out; fc_norm and head keep their fresh init')
+        sd = leave_out(pre_only, ('fc_norm.', 'head.'), 'pre-training checkpoint: encoder loaded; '
+                       'decoder, encoder_to_decoder, mask_token and encoder.norm left out; fc_norm '
+                       'and head keep their fresh init')
         sd = {k.removeprefix('encoder.'): v for k, v in sd.items()}
     if classifier and kind == 'hub' and not any(k.startswith(('head.', 'fc_norm.')) for k in sd):
-        sd = leave_out(lambda k: False, ('fc_norm.', 'head.'), 'a bare VideoMAEModel: fc_norm and '
-                       'head keep their init')
+        sd = leave_out((), ('fc_norm.', 'head.'), 'a bare VideoMAEModel: fc_norm and head keep '
+                       'their init')
     if classifier and not is_pre and 'fc_norm.weight' in sd and 'fc_norm.weight' not in target:
         # a mean-pooling classifier (e.g. Kinetics-fine-tuned) into a token-norm model (AVA): as the
         # official detection code, fc_norm is left out and the token LayerNorm starts at 1/0
-        sd = leave_out(lambda k: k.startswith('fc_norm.'), ('norm.',), 'classifier checkpoint into '
-                       'a token-norm model: fc_norm left out, norm starts at 1/0')
+        sd = leave_out('fc_norm.', 'norm.', 'classifier checkpoint into a token-norm model: '
+                       'fc_norm left out, norm starts at 1/0')
     old, new = sd.get('head.weight'), target.get('head.weight')
     if classifier and old is not None and new is not None and old.shape != new.shape:
-        sd = leave_out(lambda k: k in ('head.weight', 'head.bias'), ('head.',),
-                       f"head: checkpoint has {old.shape[0]} classes, model {new.shape[0]}; head "
-                       f"left out and kept at its init")
+        sd = leave_out('head.', 'head.', f"head: checkpoint has {old.shape[0]} classes, model "
+                       f"{new.shape[0]}; head left out and kept at its init")
     missing = [k for k in target if k not in sd]
     problems = {'missing from checkpoint': [k for k in missing if k not in may_miss],
                 'not in model': [k for k in sd if k not in target],
                 'shape mismatch': [f"{k} {tuple(v.shape)} vs model {tuple(target[k].shape)}"
-                                   for k, v in sd.items()
-                                   if k in target and v.shape != target[k].shape]}
+                                   for k, v in sd.items() if v.shape != target.get(k, v).shape]}
     problems = [f"{what}: {', '.join(keys[:5])}" + (f' (+{len(keys) - 5} more)' if keys[5:] else '')
                 for what, keys in problems.items() if keys]
     if problems:
-        hint = ' (a classifier checkpoint cannot load into a pre-training model)' \
-            if isinstance(model, PretrainVideoMAE) and not is_pre else ''
+        hint = '' if classifier or is_pre else \
+            ' (a classifier checkpoint cannot load into a pre-training model)'
         raise ValueError(f"checkpoint {path!r} ({source}) does not fit {type(model).__name__}"
                          f"{hint}: " + '; '.join(problems))
     model.load_state_dict(sd, strict=not missing)
@@ -457,86 +430,60 @@ def load_checkpoint(model, path):
 
 
 # ----------------------------------------------------------------------------- Hugging Face folders
-# transformers' VideoMAE names the same tensors otherwise: one Linear each for query, key and value
-# (our qkv stacks them), and the q/v biases as q_bias/v_bias (4.x) or query.bias/value.bias (5.x).
-_HUB = [('embeddings.patch_embeddings.projection.', 'patch_embed.proj.'),
-        ('encoder.layer.', 'blocks.'), ('decoder.decoder_layers.', 'decoder.blocks.'),
-        ('attention.attention.q_bias', 'attn.q_bias'),
-        ('attention.attention.v_bias', 'attn.v_bias'),
-        ('attention.attention.query.bias', 'attn.q_bias'),
-        ('attention.attention.value.bias', 'attn.v_bias'),
-        ('attention.output.dense.', 'attn.proj.'),
-        ('intermediate.dense.', 'mlp.fc1.'), ('output.dense.', 'mlp.fc2.'),
-        ('layernorm_before.', 'norm1.'), ('layernorm_after.', 'norm2.')]
-_QKV = ('query', 'key', 'value')
+# transformers' VideoMAE names the same tensors otherwise: (ours, theirs), in the order that turns
+# theirs into ours (reversed: ours into theirs). It has one Linear each for query, key and value
+# (our qkv stacks them), calls the q/v biases q_bias/v_bias (4.x) or query.bias/value.bias (5.x)
+# and keeps the ViT under videomae. in both model kinds (ours: under encoder. when pre-training).
+_HUB = [('patch_embed.proj.', 'embeddings.patch_embeddings.projection.'),
+        ('blocks.', 'encoder.layer.'), ('decoder.blocks.', 'decoder.decoder_layers.'),
+        ('attn.', 'attention.attention.'), ('attn.proj.', 'attention.output.dense.'),
+        ('mlp.fc1.', 'intermediate.dense.'), ('mlp.fc2.', 'output.dense.'),
+        ('norm1.', 'layernorm_before.'), ('norm2.', 'layernorm_after.')]
+# our options under their config.json names; the decoder's: the same with decoder_ before both
+_HUB_CONFIG = dict(embed_dim='hidden_size', depth='num_hidden_layers',
+                   num_heads='num_attention_heads', img_size='image_size', patch_size='patch_size',
+                   tubelet_size='tubelet_size', num_frames='num_frames')
 
 
 def _from_hub(sd):
-    """transformers' keys -> ours (a pre-training model's encoder goes under encoder.)."""
-    pre, out, qkv = 'mask_token' in sd, {}, {}
+    """transformers' keys -> ours."""
+    vit, out = 'encoder.' if 'mask_token' in sd else '', {}
     for k, v in sd.items():
-        enc = k.startswith('videomae.')
-        k = re.sub(r'^(videomae\.)?layernorm\.', 'norm.', re.sub(r'^classifier\.', 'head.', k))
-        for hub, ours in _HUB:
+        k = k.replace('query.bias', 'q_bias').replace('value.bias', 'v_bias')        # 5.x -> 4.x
+        for ours, hub in _HUB:
             k = k.replace(hub, ours)
-        k = ('encoder.' if pre and enc else '') + k.removeprefix('videomae.')
-        if m := re.fullmatch(r'(.*blocks\.\d+\.)attention\.attention\.(\w+)\.weight', k):
-            qkv.setdefault(m[1], {})[m[2]] = v          # stacked below into our fused qkv
-        else:
-            out[k] = v
-    out.update({b + 'attn.qkv.weight': torch.cat([w[n] for n in _QKV]) for b, w in qkv.items()})
+        k = re.sub(r'^classifier\.', 'head.', re.sub(r'^(videomae\.)?layernorm\.', r'\1norm.', k))
+        out[re.sub(r'^videomae\.', vit, k)] = v
+    for q in [k for k in out if k.endswith('attn.query.weight')]:   # stacked into our fused qkv
+        out[q.replace('query', 'qkv')] = torch.cat([out.pop(q.replace('query', n))
+                                                    for n in ('query', 'key', 'value')])
     return out
 
 
-def _read_hub(path):
-    """A transformers folder (config.json + model.safetensors or pytorch_model.bin) or either file
-    -> (state dict in transformers' names, config dict or {})."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    files = [os.path.join(path, n) for n in ('model.safetensors', 'pytorch_model.bin')] \
-        if os.path.isdir(path) else [path]
-    weights = next((f for f in files if os.path.isfile(f)), None)
-    if weights is None:
-        raise FileNotFoundError(f"{path!r} has no model.safetensors or pytorch_model.bin")
-    if weights.endswith('.safetensors'):
-        try:
-            from safetensors.torch import load_file
-        except ImportError:
-            raise ImportError(f"{weights} is a safetensors file: pip install safetensors") from None
-        sd = load_file(weights)
-    else:
-        sd = torch.load(weights, map_location='cpu', weights_only=True)
-    cfg, pre = (os.path.join(folder, n) for n in ('config.json', 'preprocessor_config.json'))
-    cfg = json.load(open(cfg)) if os.path.isfile(cfg) else {}
-    return sd, {**cfg, 'preprocessor': json.load(open(pre)) if os.path.isfile(pre) else {}}
-
-
-def hub_config_notes(hub):
-    """Where a transformers config.json disagrees with the official architecture (known traps of
-    the converted configs): our models keep the official numerics."""
-    notes = []
-    if hub.get('layer_norm_eps', 1e-6) != 1e-6:
-        notes.append(f"config.json: layer_norm_eps {hub['layer_norm_eps']}; the official models "
-                     "(and this one) use 1e-6")
+def hub_config_notes(folder):
+    """Where a transformers folder's config.json disagrees with the official architecture (traps
+    of the converted configs): our models keep the official numerics."""
+    hub, pre = (os.path.join(folder, n) for n in ('config.json', 'preprocessor_config.json'))
+    hub, pre = (json.load(open(f)) if os.path.isfile(f) else {} for f in (hub, pre))
     size = next((s for s, v in SIZES.items() if v['embed_dim'] == hub.get('hidden_size')), None)
-    if hub['preprocessor'].get('image_mean', [0.485])[0] != 0.485:
-        notes.append(f"preprocessor_config.json: image_mean {hub['preprocessor']['image_mean']}; "
-                     "the official models (and this code's stages) normalise with ImageNet's")
-    heads = SIZES[size]['num_heads'] if size else None
-    if size and hub.get('num_attention_heads', heads) != heads:
-        notes.append(f"config.json: {hub['num_attention_heads']} heads for width "
-                     f"{hub['hidden_size']}; the official {size} model has {heads}")
-    return notes
+    eps, mean = hub.get('layer_norm_eps', 1e-6), pre.get('image_mean', [0.485])
+    heads, official = hub.get('num_attention_heads'), SIZES.get(size, {}).get('num_heads')
+    return [note for bad, note in [
+        (eps != 1e-6, f"config.json: layer_norm_eps {eps}; the official models (and this one) use "
+                      "1e-6"),
+        (mean[0] != 0.485, f"preprocessor_config.json: image_mean {mean}; the official models (and "
+                           "this code's stages) normalise with ImageNet's"),
+        (size and heads not in (None, official),
+         f"config.json: {heads} heads for width {hub.get('hidden_size')}; the official {size} "
+         f"model has {official}")] if bad]
 
 
 def hub_shape(hub):
-    """build_* arguments of a transformers config.json: sizes, patch, tubelet, frames, pooling."""
+    """build_* arguments of a transformers config.json: size, encoder shape, pooling."""
     size = next((s for s, v in SIZES.items() if v['embed_dim'] == hub['hidden_size']), 'base')
-    return size, dict(embed_dim=hub['hidden_size'], depth=hub['num_hidden_layers'],
-                      num_heads=hub['num_attention_heads'], patch_size=hub['patch_size'],
-                      tubelet_size=hub['tubelet_size'], num_frames=hub['num_frames'],
-                      img_size=hub['image_size'],
-                      use_mean_pooling=hub.get('use_mean_pooling', True),
-                      mlp_ratio=hub['intermediate_size'] / hub['hidden_size'])
+    return size, {**{o: hub[h] for o, h in _HUB_CONFIG.items()},
+                  'mlp_ratio': hub['intermediate_size'] / hub['hidden_size'],
+                  'use_mean_pooling': hub.get('use_mean_pooling', True)}
 
 
 def export_hf(model, out_dir, class_names=None):
@@ -544,32 +491,27 @@ def export_hf(model, out_dir, class_names=None):
     without the safetensors package) that VideoMAEForPreTraining / VideoMAEForVideoClassification
     load with no missing, unexpected or mismatched keys."""
     c, pre = model.config, isinstance(model, PretrainVideoMAE)
-    enc = model.encoder if pre else model
-    cfg = dict(model_type='videomae', hidden_size=c['embed_dim'], num_hidden_layers=c['depth'],
-               num_attention_heads=c['num_heads'], image_size=c['img_size'],
-               intermediate_size=enc.blocks[0].mlp.fc1.out_features, patch_size=c['patch_size'],
-               num_frames=c['num_frames'], tubelet_size=c['tubelet_size'], layer_norm_eps=1e-6,
-               qkv_bias=True, num_channels=3, use_mean_pooling=not pre and c['use_mean_pooling'],
-               norm_pix_loss=True, decoder_hidden_size=c['decoder_embed_dim'],
-               decoder_num_hidden_layers=c['decoder_depth'],
-               decoder_num_attention_heads=c['decoder_num_heads'],
+    cfg = {h: c[o] for o, h in _HUB_CONFIG.items()} | {
+        'decoder_' + _HUB_CONFIG[o]: c['decoder_' + o] for o in ('embed_dim', 'depth', 'num_heads')}
+    cfg.update(model_type='videomae', intermediate_size=int(c['embed_dim'] * c['mlp_ratio']),
                decoder_intermediate_size=int(c['decoder_embed_dim'] * c['mlp_ratio']),
+               layer_norm_eps=1e-6, qkv_bias=True, num_channels=3, norm_pix_loss=True,
+               use_mean_pooling=not pre and c['use_mean_pooling'],
                architectures=['VideoMAEFor' + ('PreTraining' if pre else 'VideoClassification')])
     if not pre:
         names = class_names or [str(i) for i in range(c['num_classes'])]
         cfg.update(id2label=dict(enumerate(names)), label2id={n: i for i, n in enumerate(names)})
-    back = [(o, h) for h, o in reversed(_HUB) if not h.endswith(('query.bias', 'value.bias'))]
     sd = {}
     for k, v in model.state_dict().items():
-        own = k.startswith(('decoder.', 'encoder_to_decoder', 'mask_token', 'fc_norm', 'head'))
-        k = re.sub(r'^norm\.', 'layernorm.', k.removeprefix('encoder.'))
-        k = re.sub(r'^head\.', 'classifier.', k)
-        for ours, hub in back:
+        vit = not k.startswith(('decoder.', 'encoder_to_decoder', 'mask_token', 'fc_norm', 'head'))
+        k = re.sub(r'^head\.', 'classifier.', re.sub(r'^norm\.', 'layernorm.',
+                                                      k.removeprefix('encoder.')))
+        for ours, hub in reversed(_HUB):
             k = k.replace(ours, hub)
-        k = k if own else 'videomae.' + k             # the ViT lives under videomae. in both kinds
-        if k.endswith('attn.qkv.weight'):
-            sd.update({k.replace('attn.qkv', f'attention.attention.{n}'): w.contiguous()
-                       for n, w in zip(_QKV, v.chunk(3))})
+        k = 'videomae.' + k if vit else k
+        if k.endswith('.qkv.weight'):                # q, k and v apart
+            sd.update({k.replace('qkv', n): w.contiguous()
+                       for n, w in zip(('query', 'key', 'value'), v.chunk(3))})
         else:
             sd[k] = v.contiguous()
     os.makedirs(out_dir, exist_ok=True)

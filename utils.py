@@ -1,6 +1,5 @@
-"""The run mechanism shared by pretrain.py, finetune.py, linprobe.py and detect.py.
-
-Only what two or more stages need and that is not the method itself. A stage's loop reads:
+"""The run mechanism shared by pretrain.py, finetune.py, linprobe.py and detect.py: what two or more
+stages need and that is not the method itself (no model, no data). A stage's loop reads:
 
     run = utils.start(cfg, 'finetune', d, model, opt, loader, classes, failures)  # amp, resume, DDP
     for epoch in range(run.start_epoch, cfg['epochs']):
@@ -8,7 +7,7 @@ Only what two or more stages need and that is not the method itself. A stage's l
             utils.train_step(run, loss_of)             # lr, accumulation, autocast, clip, step, log
         utils.end_epoch(run, epoch)                    # epoch log, checkpoint, retention
 
-where loss_of(batch, micro) is the stage's own loss of one micro-batch. No model, no data here.
+where loss_of(batch, micro) is the stage's own loss of one micro-batch.
 """
 import argparse
 import csv
@@ -30,8 +29,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 SIZES = ('small', 'base', 'large', 'huge', 'giant')
-# Model-shape keys every stage stores in its config under these names, so that a checkpoint of one
-# stage rebuilds its encoder in another.
+# every stage's config names the shape so: a checkpoint of one stage rebuilds its encoder in another
 SHAPE_KEYS = ('model', 'embed_dim', 'depth', 'num_heads', 'patch_size', 'tubelet_size')
 INIT_KEYS = SHAPE_KEYS + ('num_frames', 'input_size')      # what --finetune's checkpoint sets
 
@@ -60,69 +58,70 @@ def recipe_help(table, key):
     for name, row in table.items():
         if key in row:
             vals.setdefault(str(row[key]), []).append(name)
-    if len(vals) == 1 and sum(map(len, vals.values())) == len(table):
+    if len(vals) == 1 and len(next(iter(vals.values()))) == len(table):  # one for all rows
         return f'recipe default: {next(iter(vals))}'
-    return ('recipe default: ' + ', '.join(f'{"/".join(n)} {v}' for v, n in vals.items())
-            if vals else '')
+    listed = ', '.join(f'{"/".join(n)} {v}' for v, n in vals.items())
+    return f'recipe default: {listed}' if vals else ''
+
+
+def recipe_flags(group, recipes, otherwise='no recipe default'):
+    """-> add(key, type, text, *aliases): --key in group, its recipe defaults in its help."""
+    def add(key, type, text, *aliases, **kw):
+        group.add_argument(f'--{key}', *aliases, type=type, **kw,
+                           help=f'{text} ({recipe_help(recipes, key) or otherwise})')
+    return add
 
 
 def add_common_flags(p, recipes):
-    """The flags every stage has, named as the official scripts' where they exist; the optimiser's
-    own (--opt_betas, --layer_decay, --momentum) only where the recipes set them."""
-    def r(key, text):
-        return f'{text} ({recipe_help(recipes, key) or "no recipe default"})'
-    add = p.add_argument_group('optimisation (recipe defaults)').add_argument
-    has = {k for row in recipes.values() for k in row}
+    """Every stage's flags; the optimiser's own (--opt_betas etc.) where the recipes set them."""
+    g = p.add_argument_group('optimisation (recipe defaults)')
+    add, has = recipe_flags(g, recipes), {k for row in recipes.values() for k in row}
     if 'opt_betas' in has:
-        add('--opt_betas', '--betas', type=float, nargs=2, help=r('opt_betas', 'AdamW betas'))
+        add('opt_betas', float, 'AdamW betas', '--betas', nargs=2)
     if 'layer_decay' in has:
-        add('--layer_decay', type=float, help=r('layer_decay', 'layer-wise lr decay; 1 = off'))
+        add('layer_decay', float, 'layer-wise lr decay; 1 = off')
     if 'momentum' in has:
-        add('--momentum', type=float, help=r('momentum', 'SGD momentum'))
-    add('--epochs', type=int, help=r('epochs', 'epochs; the cosine spans all of them'))
-    add('--warmup_epochs', type=int, help=r('warmup_epochs', 'linear warm-up from 0'))
-    add('--lr', type=float, help=r('lr', 'BASE lr: the peak is lr x total_batch / 256'))
-    add('--min_lr', type=float, help=r('min_lr', 'final lr of the cosine, scaled like --lr'))
-    add('--weight_decay', type=float, help=r('weight_decay', 'weight decay'))
-    add('--total_batch', type=int, help=r('total_batch', 'clips per optimiser step, all processes; '
-                                          'reached by gradient accumulation'))
-    add('--batch_size', type=int, help=r('batch_size', 'clips per process and forward; unset: the '
-                                         'largest that splits --total_batch over the processes'))
-    add('--clip_grad', type=float, help='clip the gradient norm (the recipes do not clip)')
-    add = p.add_argument_group('run').add_argument
-    add('--output_dir', help='checkpoints, log.jsonl, config.json (default runs/<stage>-..)')
-    add('--resume', default='auto', help="'auto' (default): the latest checkpoint in --output_dir; "
-        "a path; '' to start fresh")
-    add('--save_ckpt_freq', type=int, help=r('save_ckpt_freq', "keep every N-th epoch's "
-                                             'checkpoint; the latest is always kept'))
-    add('--num_workers', type=int, help=r('num_workers', 'decoding processes per process'))
-    add('--max_failed_ratio', type=float, default=0.05, help="stop when more than this share of an "
-        "epoch's videos cannot be decoded (default 0.05; below it they are replaced, counted and "
-        'reported)')
-    add('--seed', type=int, default=0, help='init, sampling, augmentation (default 0)')
-    add('--device', default='auto', help='auto (a GPU if there is one), cpu or cuda')
-    add('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
-        help='auto: bf16 on GPUs that have it, else fp16 + loss scaling; fp32 on CPU')
-    add('--compile', action='store_true', help='torch.compile the model (long runs)')
-    add('--log_dir', help='also write TensorBoard curves here (needs `tensorboard`)')
+        add('momentum', float, 'SGD momentum')
+    add('epochs', int, 'epochs; the cosine spans all of them')
+    add('warmup_epochs', int, 'linear warm-up from 0')
+    add('lr', float, 'BASE lr: the peak is lr x total_batch / 256')
+    add('min_lr', float, 'final lr of the cosine, scaled like --lr')
+    add('weight_decay', float, 'weight decay')
+    add('total_batch', int, 'clips per optimiser step, all processes; by gradient accumulation')
+    add('batch_size', int, 'clips per process and forward; unset: the largest up to it that '
+        'splits --total_batch over the processes')
+    g.add_argument('--clip_grad', type=float, help='clip the gradient norm (default: off)')
+    g = p.add_argument_group('run')
+    g.add_argument('--output_dir', help='checkpoints, logs, config.json (default runs/<stage>-..)')
+    g.add_argument('--resume', default='auto', help="'auto' (default): the latest checkpoint in "
+                   "--output_dir; a path; '' to start fresh")
+    add = recipe_flags(g, recipes)
+    add('save_ckpt_freq', int, "keep every N-th epoch's checkpoint; the latest is always kept")
+    add('num_workers', int, 'decoding processes per process')
+    g.add_argument('--max_failed_ratio', type=float, default=0.05, help="stop when more of an "
+                   "epoch's videos fail to decode (default 0.05); fewer are replaced and counted")
+    g.add_argument('--seed', type=int, default=0, help='init, sampling, augmentation (default 0)')
+    g.add_argument('--device', default='auto', help='auto (default: a GPU if any), cpu or cuda')
+    g.add_argument('--precision', default='auto', choices=['auto', 'fp32', 'bf16', 'fp16'],
+                   help='auto (default): bf16, on older GPUs fp16 + loss scaling, on CPU fp32')
+    g.add_argument('--compile', action='store_true', help='torch.compile the model (long runs)')
+    g.add_argument('--log_dir', help='also write TensorBoard curves here (needs `tensorboard`)')
 
 
 def add_shape_flags(p, recipes):
     g = p.add_argument_group("model shape (default: the initial checkpoint's, else the recipe's)")
     g.add_argument('--model', type=model_name,
                    help=f'{", ".join(SIZES)} ({recipe_help(recipes, "model")})')
+    add = recipe_flags(g, recipes, otherwise="default: the --model size's")
     for key, text in [('embed_dim', 'encoder width'), ('depth', 'encoder blocks'),
                       ('num_heads', 'encoder heads'), ('patch_size', 'patch side in pixels'),
                       ('tubelet_size', 'frames per cube')]:
-        default = recipe_help(recipes, key) or "default: the --model size's"
-        g.add_argument(f'--{key}', type=int, help=f'{text} ({default})')
+        add(key, int, text)
     return g
 
 
 def add_data_flags(p, recipes, datasets=None):
     """--dataset (datasets: default the recipe rows), --data_path and the clip flags."""
-    def r(key, text):
-        return f'{text} ({recipe_help(recipes, key)})'
     g = p.add_argument_group('data')
     g.add_argument('--dataset', choices=datasets or list(recipes),
                    help='which recipe row and reader (default: synthetic, generated on first use)')
@@ -130,15 +129,16 @@ def add_data_flags(p, recipes, datasets=None):
                    'list file or its folder for --dataset list; root/train/<class>/<video> and '
                    'root/val/ for --dataset folder; synthetic: the generated cache')
     g.add_argument('--fold', type=int, default=1, help='UCF101/HMDB51 split, 1-3 (default 1)')
-    g.add_argument('--num_frames', type=int, help=r('num_frames', 'frames per clip'))
-    g.add_argument('--sampling_rate', type=int, help=r('sampling_rate', 'stride between frames'))
-    g.add_argument('--input_size', type=int, help=r('input_size', 'crop side in pixels'))
+    add = recipe_flags(g, recipes)
+    for key, text in [('num_frames', 'frames per clip'), ('sampling_rate', 'stride between frames'),
+                      ('input_size', 'crop side in pixels')]:
+        add(key, int, text)
     return g
 
 
 def check_clip_flags(cfg, size_patch=16):
-    """Clips must cut into whole cubes; a real dataset needs its folder. -> the patch side.
-    size_patch: the --model size's patch side (model.SIZES; 14 for giant)."""
+    """Clips must cut into whole cubes (size_patch: the --model size's patch side, 14 for giant); a
+    real dataset needs its folder. -> the patch side."""
     p, t = cfg.get('patch_size') or size_patch, cfg.get('tubelet_size') or 2
     if cfg['num_frames'] % t:
         flag_error(f"--num_frames {cfg['num_frames']} is not divisible by the tubelet size {t} "
@@ -159,13 +159,13 @@ def shape(cfg):
 
 
 def resolve(parser, argv, recipe_of, output_of, init_flag=None, init_keys=INIT_KEYS):
-    """Flags > the config of the checkpoint being resumed > the initial weights' config (init_flag,
-    e.g. --finetune: its init_keys; all keys: the run is that checkpoint's, no auto-resume) > the
-    recipe row recipe_of(cfg). --resume auto finds the latest checkpoint of the output folder and
-    resolves again with it. -> a plain dict, checked before any work."""
+    """Flags > the resumed checkpoint's config > the initial weights' config (init_flag, e.g.
+    --finetune: its init_keys; None: all, the run is that checkpoint's: no auto-resume) > the recipe
+    row recipe_of(cfg). --resume auto resolves again with the output folder's latest checkpoint.
+    -> a plain dict, checked before any work."""
     args = parser.parse_args(argv)
     saved = checkpoint_meta(args.resume)['config'] if args.resume not in ('auto', '') else {}
-    init = getattr(args, init_flag) if init_flag else None
+    init = init_flag and getattr(args, init_flag)
     init = checkpoint_meta(init)['config'] if init else {}
     cfg = dict(vars(args))
     for source in (saved, {k: v for k, v in init.items() if init_keys is None or k in init_keys}):
@@ -191,10 +191,10 @@ def resolve(parser, argv, recipe_of, output_of, init_flag=None, init_keys=INIT_K
         flag_error('--num_workers must be 0 (decode in the main process) or more, '
                    f'got {cfg["num_workers"]}')
     if cfg['warmup_epochs'] > cfg['epochs']:
-        flag_error(f'--warmup_epochs {cfg["warmup_epochs"]} is longer than '
-                   f'--epochs {cfg["epochs"]}')
-    cfg['batch_size'], cfg['accum_iter'] = fit_batch(cfg['total_batch'], cfg['batch_size'],
-                                                     int(os.environ.get('WORLD_SIZE', 1)),
+        flag_error(f"--warmup_epochs {cfg['warmup_epochs']} is longer than "
+                   f"--epochs {cfg['epochs']}")
+    world = int(os.environ.get('WORLD_SIZE', 1))
+    cfg['batch_size'], cfg['accum_iter'] = fit_batch(cfg['total_batch'], cfg['batch_size'], world,
                                                      args.batch_size is not None)
     return cfg
 
@@ -232,24 +232,31 @@ class Dist:
 
 def init_distributed(device_arg='auto'):
     """Reads torchrun's environment. NCCL on GPUs, gloo on CPU."""
-    use_cuda = torch.cuda.is_available() if device_arg == 'auto' else device_arg.startswith('cuda')
-    if use_cuda and not torch.cuda.is_available():
+    cuda = torch.cuda.is_available() if device_arg == 'auto' else device_arg.startswith('cuda')
+    if cuda and not torch.cuda.is_available():
         raise SystemExit('error: --device cuda was asked for but no CUDA device is visible')
-    world_size, rank = int(os.environ.get('WORLD_SIZE', 1)), int(os.environ.get('RANK', 0))
-    device = torch.device('cpu')
-    if use_cuda:
-        device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
-        torch.cuda.set_device(device)
-    if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group('nccl' if use_cuda else 'gloo',
-                                device_id=device if use_cuda else None)
-    return Dist(rank, world_size, device)
+    d = Dist(int(os.environ.get('RANK', 0)), int(os.environ.get('WORLD_SIZE', 1)))
+    if cuda:
+        d.device = torch.device('cuda', int(os.environ.get('LOCAL_RANK', 0)))
+        torch.cuda.set_device(d.device)
+    if d.world_size > 1 and not dist.is_initialized():
+        dist.init_process_group('nccl' if cuda else 'gloo', device_id=d.device if cuda else None)
+    return d
 
 
 def cleanup_distributed():
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
+
+
+def all_ranks(obj):
+    """[rank 0's obj, rank 1's, ...]; collective: call on every rank."""
+    if not dist.is_initialized():
+        return [obj]
+    objs = [None] * dist.get_world_size()
+    dist.all_gather_object(objs, obj)
+    return objs
 
 
 def seed_everything(seed):
@@ -268,23 +275,18 @@ def cosine_schedule(step, total_steps, warmup_steps, base_value, final_value):
     return final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * progress))
 
 
-def layer_id(name, depth):
-    """A parameter's layer for lr decay: the embeddings 0, block i -> i + 1, the rest depth + 1."""
-    name = name.removeprefix('encoder.')
-    if name.startswith(('patch_embed', 'pos_embed', 'mask_token', 'cls_token')):
-        return 0
-    return int(name.split('.')[1]) + 1 if name.startswith('blocks.') else depth + 1
-
-
 def param_groups(model, weight_decay, layer_decay=1.0, depth=None):
     """AdamW groups: no weight decay on biases, norms and tokens (1-D); lr_scale =
-    decay^(depth+1-layer). layer_decay 1 (pre-training, from scratch) gives two groups."""
+    layer_decay^(depth + 1 - layer): layer 0 the embeddings, i + 1 block i, depth + 1 the head."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         no_decay = p.ndim <= 1 or name.endswith('.bias') or 'token' in name or 'pos_embed' in name
-        layer = layer_id(name, depth) if layer_decay < 1.0 else 0
+        name, layer = name.removeprefix('encoder.'), 0
+        if layer_decay < 1.0 and not name.startswith(('patch_embed', 'pos_embed', 'mask_token',
+                                                      'cls_token')):
+            layer = int(name.split('.')[1]) + 1 if name.startswith('blocks.') else depth + 1
         g = groups.setdefault((layer, no_decay), {
             'params': [], 'weight_decay': 0.0 if no_decay else weight_decay, 'layer': layer,
             'lr_scale': layer_decay ** (depth + 1 - layer) if layer_decay < 1.0 else 1.0})
@@ -330,9 +332,8 @@ def save_checkpoint(path, state):
         if os.path.exists(tmp):
             os.remove(tmp)
         raise SystemExit(f'error: writing {path} failed ({str(e).splitlines()[0][:200]}): is the '
-                         'disk full or over quota? The earlier checkpoints in '
-                         f'{os.path.dirname(path)} are kept; free space and rerun the same command '
-                         'to resume') from None
+                         f'disk full? The earlier checkpoints in {os.path.dirname(path)} are kept; '
+                         'free space and rerun the same command to resume') from None
 
 
 def checkpoint_name(epoch, step_in_epoch=0):
@@ -340,7 +341,7 @@ def checkpoint_name(epoch, step_in_epoch=0):
     return f'checkpoint-{epoch:05d}' + (f'-{step_in_epoch:06d}' if step_in_epoch else '') + '.pth'
 
 
-def _checkpoints(folder):
+def checkpoints(folder):
     """{(epoch, step): path} of the checkpoints in folder."""
     found = {}
     for name in os.listdir(folder) if os.path.isdir(folder) else ():
@@ -351,7 +352,7 @@ def _checkpoints(folder):
 
 
 def latest_checkpoint(folder):
-    found = _checkpoints(folder)
+    found = checkpoints(folder)
     return found[max(found)] if found else None
 
 
@@ -445,16 +446,15 @@ class Run:
     scaler: object = None             # a GradScaler with fp16
     autocast: object = nullcontext    # () -> the mixed-precision context
     steps_per_epoch: int = 0
-    # set by start(): the precision used, where the run starts, clips per step (all views), the
-    # output folder's lock, the Log, the tqdm bar, Preemption; it (optimiser steps done) by start()
-    # and steps(), which also sets the StepMeter and the batch iterator; lr by train_step()
+    # set by start(), it (optimiser steps done) also by steps(), which sets the StepMeter and the
+    # batch iterator; lr by train_step(); signalled: the SIGTERM/SIGINT received, if one was
     precision, start_epoch, start_step, clips_per_step, it, lr = 'fp32', 0, 0, 0, 0, 0.0
-    lock = log = bar = preempt = meter = batches = None
+    lock = log = bar = meter = batches = signalled = None
 
 
 def start(cfg, stage, d, model, optimizer, loader, classes, failures, net=None, clips_per_video=1):
-    """Everything before the first step: lock, mixed precision, resume, DDP, the logs, the config
-    printed and saved. net: the module the loop calls, if it is not `model` (detect.py)."""
+    """Everything before the first step: lock, mixed precision, resume, DDP, the logs, the signal
+    handlers, the config printed and saved. net: what the loop calls, if not `model` (detect.py)."""
     run = Run(cfg, stage, d, model, net or model, optimizer, loader, classes, failures)
     run.lock = lock_output_dir(cfg['output_dir']) if d.is_main else None
     run.autocast, run.scaler, run.precision = amp_setup(d.device, cfg['precision'])
@@ -474,7 +474,15 @@ def start(cfg, stage, d, model, optimizer, loader, classes, failures, net=None, 
                precision_used=run.precision)
     run.it = run.start_epoch * run.steps_per_epoch + run.start_step
     run.log = Log(cfg['output_dir'], d.is_main, cfg.get('log_dir'), run.it)
-    run.preempt = Preemption()
+
+    def on_signal(signum, frame):  # the loop checks run.signalled between steps
+        if run.signalled and signum == signal.SIGINT:
+            raise KeyboardInterrupt  # a second Ctrl-C stops at once
+        run.signalled = signal.Signals(signum).name
+        print(f'\n{run.signalled}: saving a checkpoint after this step, then exiting',
+              file=sys.stderr, flush=True)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, on_signal)
     if d.is_main:
         width = max(map(len, cfg))
         print(f'{stage}: configuration', *(f'  {k:<{width}} {v}' for k, v in sorted(cfg.items())),
@@ -499,26 +507,39 @@ def resume(run, path):
     if state.get('stage') != run.stage:
         what = f"a {state['stage']!r}" if state.get('stage') else 'not a training'
         raise SystemExit(f'error: --resume {path} is {what} checkpoint, not a {run.stage!r} one; '
-                         'give it as the initial weights (--finetune) and a fresh --output_dir '
-                         'instead')
+                         'give it as the initial weights (--finetune) with a fresh --output_dir')
     try:
         run.model.load_state_dict(state['model'])
     except RuntimeError as e:
         raise SystemExit(f'error: --resume {path} does not fit the model these flags build '
                          f'(another size or shape flag?): {str(e)[:300]}') from None
     run.optimizer.load_state_dict(state['optimizer'])
-    if run.scaler is not None and state.get('scaler'):
+    if run.scaler and state['scaler']:
         run.scaler.load_state_dict(state['scaler'])
-    ranks = state.get('rng_ranks') or [state['rng']]
-    set_rng_state(ranks[run.dist.rank] if run.dist.rank < len(ranks) else state['rng'])
+    ranks = state['rng_ranks']  # more processes than saved: the new ones take rank 0's
+    set_rng_state(ranks[run.dist.rank] if run.dist.rank < len(ranks) else ranks[0])
     run.start_epoch, run.start_step = state['epoch'], state['step_in_epoch']
     if run.start_step >= run.steps_per_epoch:  # saved after an epoch's last step
         run.start_epoch, run.start_step = run.start_epoch + 1, 0
 
 
+def stop_if_preempted(run, epoch, step, path=None):
+    """Once any rank was signalled, all save at this step (path: saved already) and exit 0."""
+    flag = torch.tensor(float(run.signalled is not None), device=run.dist.device)
+    if dist.is_initialized():
+        dist.all_reduce(flag)
+    if flag > 0:
+        path = path or save(run, epoch, step)
+        run.bar.close()
+        if run.dist.is_main:
+            print(f'{run.signalled or "another rank was signalled"}: saved {path}; '
+                  'the same command resumes', flush=True)
+        cleanup_distributed()
+        raise SystemExit(0)
+
+
 def steps(run, epoch):
-    """The optimiser steps of one epoch, resuming where a checkpoint left off. Between steps, a
-    SIGTERM/SIGINT on any rank saves a mid-epoch checkpoint and exits 0 (cluster pre-emption)."""
+    """The optimiser steps of one epoch, from where a checkpoint left off; pre-emption between."""
     cfg, first = run.cfg, run.start_step if epoch == run.start_epoch else 0
     # the sampler skips what a resumed run already saw; leftovers that cannot fill a step never come
     run.loader.sampler.set_epoch(epoch, skip=first * cfg['accum_iter'] * cfg['batch_size'])
@@ -527,32 +548,23 @@ def steps(run, epoch):
     for step in range(first, run.steps_per_epoch):
         run.it = epoch * run.steps_per_epoch + step
         yield step
-        if step + 1 < run.steps_per_epoch and run.preempt.should_stop(run.dist.device):
-            stop(run, save(run, epoch, step + 1))
-
-
-def stop(run, path):
-    run.bar.close()
-    if run.dist.is_main:
-        print(f'{run.preempt.requested or "another rank was signalled"}: saved {path}; '
-              'the same command resumes', flush=True)
-    cleanup_distributed()
-    raise SystemExit(0)
+        if step + 1 < run.steps_per_epoch:  # the last step's checkpoint is end_epoch's
+            stop_if_preempted(run, epoch, step + 1)
 
 
 def train_step(run, loss_of):
-    """One optimiser step over accum_iter micro-batches, checked finite before the update, logged.
-    loss_of(batch, micro) -> the stage's loss of one micro-batch."""
-    cfg, accum, dev = run.cfg, run.cfg['accum_iter'], run.dist.device
-    scale, total = cfg['total_batch'] / 256, cfg['epochs'] * run.steps_per_epoch
-    run.lr = cosine_schedule(run.it, total, cfg['warmup_epochs'] * run.steps_per_epoch,
+    """One optimiser step of accum_iter micro-batches, checked finite before the update, logged."""
+    cfg, accum, per_epoch = run.cfg, run.cfg['accum_iter'], run.steps_per_epoch
+    scale = cfg['total_batch'] / 256
+    run.lr = cosine_schedule(run.it, cfg['epochs'] * per_epoch, cfg['warmup_epochs'] * per_epoch,
                              cfg['lr'] * scale, cfg['min_lr'] * scale)
     for g in run.optimizer.param_groups:
         g['lr'] = run.lr * g.get('lr_scale', 1.0)  # layer decay scales every group but the head
-    run.meter.start_step()
-    loss_sum = torch.zeros((), device=dev)
+    t0, wait, loss_sum = time.perf_counter(), 0.0, torch.zeros((), device=run.dist.device)
     for micro in range(accum):
-        batch = run.meter.next(run.batches)
+        t = time.perf_counter()
+        batch = next(run.batches)
+        wait += time.perf_counter() - t
         run.failures.update(batch['failed'])
         last = micro == accum - 1 or run.dist.world_size == 1
         with nullcontext() if last else run.net.no_sync():  # DDP all-reduces on the last only
@@ -563,8 +575,7 @@ def train_step(run, loss_of):
     if run.scaler is not None:
         run.scaler.unscale_(run.optimizer)  # the norm and the clip in true units
     params = [p for g in run.optimizer.param_groups for p in g['params'] if p.grad is not None]
-    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg['clip_grad']) if cfg['clip_grad'] else \
-        torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(p.grad) for p in params]))
+    gnorm = torch.nn.utils.clip_grad_norm_(params, cfg['clip_grad'] or math.inf)  # inf: no clip
     if dist.is_initialized():  # the mean over ranks, one sync per step: every rank stops alike
         dist.all_reduce(loss_sum)
         loss_sum /= dist.get_world_size()
@@ -579,36 +590,31 @@ def train_step(run, loss_of):
         run.scaler.step(run.optimizer)
         run.scaler.update()
     run.optimizer.zero_grad(set_to_none=True)
-    speed = run.meter.end_step(loss)
-    run.log.write('step', run.it + 1, epoch=run.it // run.steps_per_epoch, loss=loss, lr=run.lr,
-                  grad_norm=gnorm.item(), **speed)
-    run.bar.set_postfix_str(f"ep {run.it // run.steps_per_epoch + 1}/{cfg['epochs']} "
-                            f"loss {loss:.4f} lr {run.lr:.2e} {speed['clips_per_s']:.1f} clips/s",
-                            refresh=False)
+    speed, epoch = run.meter.end_step(loss, time.perf_counter() - t0, wait), run.it // per_epoch
+    run.log.write('step', run.it + 1, epoch=epoch, loss=loss, lr=run.lr, grad_norm=gnorm.item(),
+                  **speed)
+    run.bar.set_postfix_str(f"ep {epoch + 1}/{cfg['epochs']} loss {loss:.4f} lr {run.lr:.2e} "
+                            f"{speed['clips_per_s']:.1f} clips/s", refresh=False)
     run.bar.update(1)
     return loss
 
 
 def end_epoch(run, epoch, **metrics):
     """After the last step of `epoch` (0-based): the failure report, the epoch record (with the
-    stage's metrics), the checkpoint; exits 0 if pre-empted. -> the path if kept for good."""
-    cfg, m = run.cfg, run.meter
+    stage's metrics), the checkpoint and loss plot; pre-emption. -> the path if kept for good."""
+    cfg, m, done = run.cfg, run.meter, epoch + 1
     run.failures.end_epoch(m.steps * cfg['total_batch'] // run.dist.world_size)
     if m.steps:  # nothing ran when resumed at the epoch's end
-        s = dict(epoch=epoch + 1, lr=run.lr, **m.summary(), **metrics)
-        run.log.write('epoch', (epoch + 1) * run.steps_per_epoch, **s)
+        s = dict(epoch=done, lr=run.lr, **m.summary(), **metrics)
+        run.log.write('epoch', done * run.steps_per_epoch, **s)
         if run.dist.is_main:
-            tqdm.write(f"epoch {epoch + 1}/{cfg['epochs']}  " + '  '.join(
+            tqdm.write(f"epoch {done}/{cfg['epochs']}  " + '  '.join(
                 f'{k} {v:.4g}' for k, v in s.items() if k not in ('epoch', 'epoch_s')))
-    path = save(run, epoch + 1, 0)
-    kept = (epoch + 1) % cfg['save_ckpt_freq'] == 0 or epoch + 1 == cfg['epochs']
+    path = save(run, done, 0)
+    kept = done % cfg['save_ckpt_freq'] == 0 or done == cfg['epochs']
     if kept and run.dist.is_main:
-        with open(os.path.join(cfg['output_dir'], 'log.jsonl')) as f:
-            losses = [r['loss'] for r in map(json.loads, f) if r['kind'] == 'step']
-        plot_curve(losses, os.path.join(cfg['output_dir'], 'loss.png'),
-                   f'{run.stage}: loss per step')
-    if run.preempt.should_stop(run.dist.device):
-        stop(run, path)
+        plot_loss(cfg['output_dir'], f'{run.stage}: loss per step')
+    stop_if_preempted(run, done, 0, path)
     return path if kept else None
 
 
@@ -616,43 +622,33 @@ def save(run, epoch, step_in_epoch):
     """The checkpoint, with every rank's RNG (and weight sums: DDP keeps them equal); retention:
     the others go unless they end an epoch that is a multiple of --save_ckpt_freq."""
     weights = [v for v in run.model.state_dict().values() if v.is_floating_point()]
-    mine = (rng_state(), torch.stack([v.double().sum() for v in weights]).tolist())
-    ranks = [mine]
-    if dist.is_initialized():
-        ranks = [None] * dist.get_world_size()
-        dist.all_gather_object(ranks, mine)
-    ranks, sums = map(list, zip(*ranks))
+    sums = torch.stack([v.double().sum() for v in weights]).tolist()
+    rngs, sums = map(list, zip(*all_ranks((rng_state(), sums))))
     if run.dist.is_main and any(s != sums[0] for s in sums):
         print('warning: the ranks hold different weights (a module outside DDP?)', file=sys.stderr)
     path = os.path.join(run.cfg['output_dir'], checkpoint_name(epoch, step_in_epoch))
     if run.dist.is_main:
-        state = {'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
-                 'scaler': run.scaler.state_dict() if run.scaler else None, 'config': run.cfg,
-                 'stage': run.stage, 'epoch': epoch, 'step_in_epoch': step_in_epoch,
-                 'rng': ranks[0], 'rng_ranks': ranks, 'rank_weight_sums': sums,
-                 'classes': list(run.classes)}
-        save_checkpoint(path, state)
-        for (e, s), old in _checkpoints(run.cfg['output_dir']).items():
+        save_checkpoint(path, {
+            'model': run.model.state_dict(), 'optimizer': run.optimizer.state_dict(),
+            'scaler': run.scaler.state_dict() if run.scaler else None, 'config': run.cfg,
+            'stage': run.stage, 'epoch': epoch, 'step_in_epoch': step_in_epoch, 'rng': rngs[0],
+            'rng_ranks': rngs, 'rank_weight_sums': sums, 'classes': list(run.classes)})
+        for (e, s), old in checkpoints(run.cfg['output_dir']).items():
             if old != path and (s or e % run.cfg['save_ckpt_freq']):
                 os.remove(old)
     return path
 
 
-def log_result(cfg, is_main, kind, **metrics):
-    """A final result (test scores, mAP) in log.jsonl and, with --log_dir, at the last step."""
-    step = cfg['epochs'] * cfg.get('steps_per_epoch', 0)
-    Log(cfg['output_dir'], is_main, cfg.get('log_dir'), step).write(kind, step, **metrics)
-
-
-def plot_curve(values, path, title):
-    """values (the step losses) as a PNG line plot, drawn with torchvision: a plateau or a
-    divergence is seen at a glance. The labels give the range and the number of steps."""
+def plot_loss(folder, title):
+    """The step losses of folder/log.jsonl as folder/loss.png, drawn with torchvision: a plateau or
+    a divergence is seen at a glance. The labels give the range and the number of steps."""
     from torchvision.io import write_png
     from torchvision.utils import draw_bounding_boxes, draw_keypoints
+    with open(os.path.join(folder, 'log.jsonl')) as f:
+        v = torch.tensor([r['loss'] for r in map(json.loads, f) if r['kind'] == 'step'])
     W, H, m = 640, 300, 48
-    v = torch.tensor(values, dtype=torch.float)
     n, k = len(v), -(-len(v) // (W - 2 * m))           # the mean of every k steps: one per pixel
-    v = v[:len(v) // k * k].view(-1, k).mean(1) if k > 1 else v
+    v = v[:n // k * k].view(-1, k).mean(1)
     lo, hi = float(v.min()), float(v.max())
     x = m + torch.linspace(0, W - 2 * m, len(v))
     y = H - m - (v - lo) / max(hi - lo, 1e-9) * (H - 2 * m)
@@ -664,64 +660,29 @@ def plot_curve(values, path, title):
                           [2, H - m - 6, m - 2, H - m + 6],
                           [W - m - 80, H - m + 4, W - m, H - m + 16], [m, 4, W - m, 16]],
                          dtype=torch.float)
-    labels = ['', f'{hi:.2f}', f'{lo:.2f}', f'step {n}', title]
-    img = draw_bounding_boxes(img, boxes, labels=labels, colors=['black'] + ['white'] * 4,
-                              label_colors='black')
-    write_png(img, path)
-
-
-class Preemption:
-    """SIGTERM/SIGINT set a flag the loop checks between steps. A second SIGINT stops at once."""
-
-    def __init__(self):
-        self.requested = None
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(sig, self._handle)
-
-    def _handle(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.requested = signal.Signals(signum).name
-        print(f'\n{self.requested}: saving a checkpoint after this step, then exiting',
-              file=sys.stderr, flush=True)
-
-    def should_stop(self, device):
-        """True on every rank as soon as any rank was signalled (so all save at the same step)."""
-        flag = torch.tensor(float(self.requested is not None), device=device)
-        if dist.is_initialized():
-            dist.all_reduce(flag)
-        return bool(flag > 0)
+    img = draw_bounding_boxes(img, boxes, labels=['', f'{hi:.2f}', f'{lo:.2f}', f'step {n}', title],
+                              colors=['black'] + ['white'] * 4, label_colors='black')
+    write_png(img, os.path.join(folder, 'loss.png'))
 
 
 class StepMeter:
-    """Per optimiser step: wall time, the time blocked in next(loader) and clips/s; per epoch: mean
+    """Per optimiser step: clips/s, wall time and the time blocked in next(loader); per epoch: mean
     loss, clips/s and the share of time waiting for data (large: more --num_workers would help)."""
 
     def __init__(self, clips_per_step):
         self.clips_per_step = clips_per_step
-        self.steps = self.loss = self.wait_sum = self.time_sum = 0
+        self.steps = self.loss = self.wait = self.time = 0
 
-    def start_step(self):
-        self.t0, self.wait = time.perf_counter(), 0.0
-
-    def next(self, batches):
-        t = time.perf_counter()
-        batch = next(batches)
-        self.wait += time.perf_counter() - t
-        return batch
-
-    def end_step(self, loss):
-        dt = time.perf_counter() - self.t0
+    def end_step(self, loss, seconds, wait):
         self.steps, self.loss = self.steps + 1, self.loss + loss
-        self.wait_sum, self.time_sum = self.wait_sum + self.wait, self.time_sum + dt
-        return dict(clips_per_s=round(self.clips_per_step / dt, 2), step_s=round(dt, 4),
-                    data_wait_s=round(self.wait, 4))
+        self.wait, self.time = self.wait + wait, self.time + seconds
+        return dict(clips_per_s=round(self.clips_per_step / seconds, 2), step_s=round(seconds, 4),
+                    data_wait_s=round(wait, 4))
 
     def summary(self):
-        t = max(self.time_sum, 1e-9)
-        return dict(loss=self.loss / max(self.steps, 1),
-                    clips_per_s=round(self.steps * self.clips_per_step / t, 2),
-                    data_wait=round(self.wait_sum / t, 3), epoch_s=round(self.time_sum, 2))
+        return dict(loss=self.loss / self.steps,
+                    clips_per_s=round(self.steps * self.clips_per_step / self.time, 2),
+                    data_wait=round(self.wait / self.time, 3), epoch_s=round(self.time, 2))
 
 
 class Log:
@@ -758,33 +719,32 @@ class Log:
             self.tb.flush()
 
 
+def log_result(cfg, is_main, kind, **metrics):
+    """A final result (test scores, mAP) in log.jsonl and, with --log_dir, at the last step."""
+    step = cfg['epochs'] * cfg.get('steps_per_epoch', 0)
+    Log(cfg['output_dir'], is_main, cfg.get('log_dir'), step).write(kind, step, **metrics)
+
+
 # --------------------------------------------------------------------------------------------------
 # Evaluation (finetune.py, linprobe.py): the softmax scores of all views of a video are averaged.
 
-class ViewMerger:
-    """Per-video mean softmax over its views, keyed by dataset index: the padding duplicates that
-    DistributedSampler adds on some ranks count once when the ranks are merged."""
-
-    def __init__(self):
-        self.items = {}
+class ViewMerger(dict):
+    """Dataset index -> (the mean softmax over the video's views, label): the padding duplicates
+    that DistributedSampler adds on some ranks count once when the ranks are merged."""
 
     def add(self, indices, view_logits, labels):
         """indices (B,), view_logits (B, V, C) for the V views of each video, labels (B,)."""
         probs = view_logits.float().softmax(-1).mean(1).cpu()
         for i, p, y in zip(indices.tolist(), probs, labels.tolist()):
-            self.items.setdefault(i, (p, y))
+            self.setdefault(i, (p, y))
 
     def gather(self):
         """All ranks' videos (call on every rank) -> (scores (N, C), labels (N,)) in index order."""
-        items = dict(self.items)
-        if dist.is_initialized():
-            parts = [None] * dist.get_world_size()
-            dist.all_gather_object(parts, items)
-            for part in parts:
-                for i, v in part.items():
-                    items.setdefault(i, v)
+        items = {}
+        for part in all_ranks(dict(self)):
+            items = {**part, **items}  # a video's first copy counts
         if not items:
-            return torch.zeros(0, 0), torch.zeros(0, dtype=torch.long)
+            raise SystemExit('error: the evaluation saw no video (an empty split?)')
         keys = sorted(items)
         return torch.stack([items[k][0] for k in keys]), torch.tensor([items[k][1] for k in keys])
 
@@ -804,10 +764,10 @@ def per_class_accuracy(scores, labels, classes):
 @torch.no_grad()
 def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefix=None,
              max_clips=None):
-    """Every view of every video through model_fn (uint8 clips (n, 3, T, H, W) -> logits (n, C)), in
-    chunks of max_clips (clips x crops views would multiply a batch's memory), merged over ranks ->
-    {'top1', 'top5', 'videos'}. With save_prefix rank 0 also writes <prefix>-results.json and
-    <prefix>-per-class.csv and prints the scores. Call on every rank: the gather is collective."""
+    """Every view of every video through model_fn (uint8 clips (n, 3, T, H, W) -> logits (n, C)) in
+    chunks of max_clips (views multiply a batch's memory), merged over ranks (call on every rank) ->
+    {'top1', 'top5', 'videos'}; with save_prefix, rank 0 prints them and writes
+    <prefix>-results.json and <prefix>-per-class.csv."""
     merger = ViewMerger()
     for batch in tqdm(loader, desc=title, disable=not d.is_main, leave=False, dynamic_ncols=True):
         failures.update(batch['failed'])
@@ -819,8 +779,6 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
         merger.add(batch['index'], logits.view(*video.shape[:2], -1), batch['label'])
     failures.end_epoch(len(loader.dataset))
     scores, labels = merger.gather()
-    if len(labels) == 0:
-        raise SystemExit('error: the evaluation saw no video (an empty split?)')
     metrics = {**topk_accuracy(scores, labels), 'videos': len(labels)}
     if save_prefix and d.is_main:
         rows = [[n, k, f'{a:.2f}'] for n, k, a in per_class_accuracy(scores, labels, classes)]
@@ -834,8 +792,7 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
 
 
 def load_weights(load, model, path, flag, is_main=True):
-    """load(model, path) (model.load_checkpoint), its report printed; a misfit: one error line
-    naming the flag."""
+    """load(model, path) (model.load_checkpoint), its report printed; a misfit: one error line."""
     try:
         report = load(model, path)
     except (ValueError, OSError, ImportError) as e:   # ImportError: pip install safetensors
