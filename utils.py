@@ -795,8 +795,9 @@ def load_weights(load, model, path, flag, is_main=True):
     """load(model, path) (model.load_checkpoint), its report printed; a misfit: one error line."""
     try:
         report = load(model, path)
-    except (ValueError, OSError, ImportError) as e:   # ImportError: pip install safetensors
-        raise SystemExit(f'error: {flag} {path}: {e}') from None
+    except (ValueError, OSError, ImportError) as e:
+        fix = f': pip install {e.name.split(".")[0]}' if isinstance(e, ImportError) else ''
+        raise SystemExit(f'error: {flag} {path}: {e}{fix}') from None
     if is_main:
         print(f"loaded {path} ({report['source']}): missing {report['missing'][:6]}, unused "
               f"{report['unexpected'][:6]}" + ''.join(f'\n  {n}' for n in report['notes']))

@@ -3,11 +3,13 @@ implementation of the same model): small random models on both sides, outputs eq
 error <= 2e-5, for both model kinds, both weight formats and both directions. No network: every
 folder is made here with save_pretrained."""
 import json
+import sys
 
 import pytest
 import torch
 
 import model as vmae
+import utils
 
 transformers = pytest.importorskip('transformers')
 pytest.importorskip('safetensors')
@@ -153,3 +155,22 @@ def test_a_bare_videomae_model_gives_our_encoder_features(tmp_path):
     with torch.no_grad():
         got, want = ours.forward_features(VIDEO), hub(VIDEO.transpose(1, 2)).last_hidden_state
     assert rel_err(got, want) <= 2e-5
+
+
+def test_without_safetensors_export_writes_pytorch_model_bin_and_loading_says_what_to_install(
+        tmp_path, monkeypatch):
+    shape = dict(embed_dim=64, depth=2, num_heads=4, patch_size=8, img_size=32, num_frames=4)
+    ours = randomised(vmae.build_classifier('small', 3, **shape))
+    vmae.export_hf(ours, tmp_path / 'safe')                     # with the package
+    with monkeypatch.context() as m:                            # as if it were not installed
+        m.setitem(sys.modules, 'safetensors', None)
+        m.setitem(sys.modules, 'safetensors.torch', None)
+        vmae.export_hf(ours, tmp_path / 'bin')
+        with pytest.raises(SystemExit, match=r"^error: --finetune .*: pip install safetensors$"):
+            utils.load_weights(vmae.load_checkpoint, vmae.build_classifier('small', 3, **shape),
+                               tmp_path / 'safe', '--finetune')
+    assert sorted(p.name for p in (tmp_path / 'bin').iterdir()) == ['config.json',
+                                                                    'pytorch_model.bin']
+    hub = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / 'bin')
+    with torch.no_grad():
+        assert rel_err(ours(VIDEO), hub.eval()(VIDEO.transpose(1, 2)).logits) <= 2e-5
