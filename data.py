@@ -376,7 +376,7 @@ def make_loader(dataset, batch_size, *, train, num_workers, seed=0, collate_fn=N
         generator=torch.Generator().manual_seed(seed))
 
 
-# -- 6. Dataset readers, in the layouts users download (datasets.md) -------------------------------
+# -- 6. Dataset readers, in the layouts users download (README, "Datasets") ------------------------
 # Each finds its annotation file and returns (samples [(video path, label)], classes, that file).
 def _lines(path):
     with open(path, encoding='utf-8-sig') as f:  # strips a BOM; strip() below handles CRLF
@@ -440,7 +440,11 @@ def _load_k400(root, split, _fold):
         head = rows[0] if rows and 'youtube_id' in rows[0] else cols
         if set(cols) - set(head):
             raise DataError(f'{path}: no column {sorted(set(cols) - set(head))} in header {head}')
-        return [[r[head.index(c)] for c in cols] for r in rows[head is not cols:]]
+        body, at = rows[head is not cols:], [head.index(c) for c in cols]
+        for r in body:  # a short row, or times that are not numbers
+            if len(r) <= max(at) or not (r[at[2]] + r[at[3]]).replace('.', '').isdigit():
+                raise DataError(f'{path}: row {r} is not {",".join(head)}: fix or remove it')
+        return [[r[i] for i in at] for r in body]
     dirs = [os.path.join(root, d) for d in ('annotations', 'kinetics400', '')]
     hint = ("put the CSVs (label,youtube_id,time_start,time_end,split) in <data_path>/annotations/;"
             " 'test' reads the validation CSV, as the official code")

@@ -237,6 +237,10 @@ def test_k400_csv_columns_by_header_name(tmp_path):
           '-3B32lodo2M,59,69,train\n')  # the old test.csv columns: no label
     with pytest.raises(data.DataError, match="train.csv: no column .'label'."):
         data.load_split('k400', str(tmp_path), 'train')
+    for row in ('abseiling,-3B32lodo2M\n', 'abseiling,-3B32lodo2M,59s,69,train\n'):  # no header
+        write(tmp_path / 'annotations/train.csv', row)          # too few columns; not a time
+        with pytest.raises(data.DataError, match=r"train.csv: row \[.*\] is not label,youtube_id"):
+            data.load_split('k400', str(tmp_path), 'train')
 
 
 @pytest.mark.parametrize('folder', ['validate', 'valid'])
