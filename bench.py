@@ -208,7 +208,8 @@ def bench_train(args):
     torch.manual_seed(0)
     net = pretrain.build_model({**dict.fromkeys(('tubelet_size', *pretrain.DECODER_KEYS)),
                                 'drop_path': 0.0, 'use_checkpoint': False, **r})
-    sec = timed(pretrain_step_fn(net, B, T, S, r['mask_ratio']), args.repeats)
+    step = pretrain_step_fn(net, B, T, S, r['mask_ratio'], decoder_ratio=r['decoder_mask_ratio'])
+    sec = timed(step, args.repeats)
     row = table(f'train: pretrain.py end to end (synthetic recipe: {T}x{S}x{S}, batch {B}, '
                 'real AVI decoding)', 'what | s / step | clips/s | waiting for data')
     row('model step only (no data)', f'{sec:.3f}', f'{B / sec:.1f}', '-')

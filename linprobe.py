@@ -1,8 +1,8 @@
 """Linear probing of a frozen VideoMAE encoder (appendix Table 11): how linearly separable are its
 features?
 
-    python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00100.pth    # synthetic, CPU
-    python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00100.pth --random_init
+    python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00080.pth    # synthetic, CPU
+    python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00080.pth --random_init
         # the baseline: the same encoder shape, random weights (also: no --finetune at all)
     torchrun --nproc_per_node=8 linprobe.py --dataset ssv2 --data_path /data/ssv2 \\
         --finetune vit_b.pth
@@ -39,11 +39,13 @@ RECIPES = {
     'list': TABLE11,
     'folder': TABLE11,
     # Not in the paper: pretrain.py's tiny synthetic model on CPU. Table 11 except a batch the 320
-    # training videos can fill (lr scaled with it) and one test crop (square frames). Table 11's 100
-    # epochs are kept: fewer give the head too few SGD steps to leave chance, whatever the encoder.
+    # training videos can fill, one test crop (square frames) and 20 epochs at an 8x base lr (peak
+    # 0.1, warm-up 2): the head reads BatchNorm'd features, so the larger step is stable, and the
+    # probe scores what 100 epochs at Table 11's lr did, in a fifth of the time.
     'synthetic': dict(TABLE11, model='small', embed_dim=128, depth=4, num_heads=4, patch_size=8,
                       num_frames=8, input_size=64, short_side=64, total_batch=32, batch_size=32,
-                      test_clips=2, test_crops=1, num_workers=2),
+                      lr=0.8, epochs=20, warmup_epochs=2, test_clips=2, test_crops=1,
+                      num_workers=2),
 }
 
 

@@ -50,13 +50,18 @@ RECIPES = {
     #   plateau whose length depends on the seed;
     # - the whole frame instead of MultiScaleCrop: a random scale changes every clip's apparent
     #   speed, and no motion is learnt; no flip: the motion classes are mirror pairs;
-    # - a base lr 30x Table 9's: the run is ~1000x shorter than the paper's.
+    # - a base lr 30x Table 9's: the run is ~1000x shorter than the paper's (1.5x or 0.5x of it
+    #   stays longer on the plateaus);
+    # - VideoMAE V2's dual masking at 0.5: the decoder skips half of the hidden cubes, so its
+    #   queries attend less to content-free mask tokens; the step takes 0.6x the time and the loss
+    #   leaves the 0.85 shelf about twice as early (0.75 vs 0.85 at step 1300), so 80 epochs do
+    #   what 100 without it did. bf16 autocast is not used: it delays the fall.
     'synthetic': dict(TABLE9, model='small', embed_dim=128, depth=4, num_heads=4,
                       decoder_embed_dim=192, decoder_num_heads=3, decoder_depth=1,
                       patch_size=8, input_size=64, num_frames=8, sampling_rate=4,
-                      mask_ratio=0.75, flip=False, crop='center', total_batch=8, batch_size=8,
-                      lr=4.8e-2, min_lr=1.6e-3, epochs=100, warmup_epochs=1,
-                      save_ckpt_freq=20, num_workers=2),
+                      mask_ratio=0.75, decoder_mask_ratio=0.5, flip=False, crop='center',
+                      total_batch=8, batch_size=8, lr=4.8e-2, min_lr=1.6e-3, epochs=80,
+                      warmup_epochs=1, save_ckpt_freq=20, num_workers=2),
 }
 # --model giant: VideoMAE V2's ViT-g/14 row (its scripts/pretrain/vit_g_hybrid_pt.sh, 64 GPUs x 32):
 # dual masking (tube 0.9 for the encoder, running cell 0.5 for the decoder), 4 clips per decoded
@@ -197,8 +202,8 @@ def decoder_mask(cfg, batch_size, grid, generator, device):
 # top to bottom: the original frames, then for each ratio of VIS_RATIOS the masked input (hidden
 # cubes grey) and the reconstruction (visible cubes original; each predicted cube un-normalised with
 # the mean/std of the original cube, as the official visualisation: its brightness comes from the
-# truth). With dual masking the decoder also predicts only the cubes it keeps: the masked cubes it
-# skips stay black.
+# truth). Under dual masking too the decoder predicts every hidden cube here: a mask token stands
+# for a position, so one trained on a subset of them serves all.
 
 @torch.no_grad()
 def reconstructions(model, cfg, device, autocast, out_dir):
@@ -222,14 +227,12 @@ def reconstructions(model, cfg, device, autocast, out_dir):
         for ratio in VIS_RATIOS:                  # the same masks at every checkpoint: seeded by k
             g = torch.Generator(device).manual_seed(cfg['seed'] * 1000 + k)
             mask = MASKS[cfg['mask_type']](1, grid, ratio, g, device)
-            drop = decoder_mask(cfg, 1, grid, g, device)
             with autocast():
-                pred = model(video, mask, drop)
+                pred = model(video, mask)
             hidden = mask.view(1, 1, *grid).repeat_interleave(t, 2).repeat_interleave(p, 3) \
                 .repeat_interleave(p, 4)                              # (1, 1, T, S, S) pixels
             rows += [original.masked_fill(hidden, 0.5),
-                     videomae.reconstruct(video, mask, pred.float(), p, t, cfg['normalize_target'],
-                                          drop)]
+                     videomae.reconstruct(video, mask, pred.float(), p, t, cfg['normalize_target'])]
         frames = torch.cat([r[0, :, show].transpose(0, 1) for r in rows]).cpu()  # (rows*F, 3, S, S)
         frames = frames.repeat_interleave(zoom, 2).repeat_interleave(zoom, 3)
         picture = torchvision.utils.make_grid(frames, nrow=len(show), padding=2, pad_value=1.0)

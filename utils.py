@@ -447,7 +447,7 @@ class Run:
     autocast: object = nullcontext    # () -> the mixed-precision context
     steps_per_epoch: int = 0
     # set by start(), it (optimiser steps done) also by steps(), which sets the StepMeter and the
-    # batch iterator; lr by train_step(); signalled: the SIGTERM/SIGINT received, if one was
+    # batch iterator; lr by train_step(); signalled: the names of the SIGTERM/SIGINT received
     precision, start_epoch, start_step, clips_per_step, it, lr = 'fp32', 0, 0, 0, 0, 0.0
     lock = log = bar = meter = batches = signalled = None
 
@@ -475,11 +475,13 @@ def start(cfg, stage, d, model, optimizer, loader, classes, failures, net=None, 
     run.it = run.start_epoch * run.steps_per_epoch + run.start_step
     run.log = Log(cfg['output_dir'], d.is_main, cfg.get('log_dir'), run.it)
 
+    run.signalled = signalled = []  # the handler holds this list, not the run (and its lock)
+
     def on_signal(signum, frame):  # the loop checks run.signalled between steps
-        if run.signalled and signum == signal.SIGINT:
+        if signalled and signum == signal.SIGINT:
             raise KeyboardInterrupt  # a second Ctrl-C stops at once
-        run.signalled = signal.Signals(signum).name
-        print(f'\n{run.signalled}: saving a checkpoint after this step, then exiting',
+        signalled.append(signal.Signals(signum).name)
+        print(f'\n{signalled[0]}: saving a checkpoint after this step, then exiting',
               file=sys.stderr, flush=True)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, on_signal)
@@ -525,14 +527,14 @@ def resume(run, path):
 
 def stop_if_preempted(run, epoch, step, path=None):
     """Once any rank was signalled, all save at this step (path: saved already) and exit 0."""
-    flag = torch.tensor(float(run.signalled is not None), device=run.dist.device)
+    flag = torch.tensor(float(bool(run.signalled)), device=run.dist.device)
     if dist.is_initialized():
         dist.all_reduce(flag)
     if flag > 0:
         path = path or save(run, epoch, step)
         run.bar.close()
         if run.dist.is_main:
-            print(f'{run.signalled or "another rank was signalled"}: saved {path}; '
+            print(f'{(run.signalled or ["another rank was signalled"])[0]}: saved {path}; '
                   'the same command resumes', flush=True)
         cleanup_distributed()
         raise SystemExit(0)
