@@ -171,9 +171,10 @@ def train(cfg, d):
         # same masks as an uninterrupted one
         g = torch.Generator(d.device).manual_seed(
             hash((cfg['seed'], run.it, micro, d.rank)) % 2**62)
-        # (B, N), True = hidden
-        mask = make_mask(len(video), model.grid(video.shape), cfg['mask_ratio'], g, d.device)
-        drop = decoder_mask(cfg, len(video), model.grid(video.shape), g, d.device)   # V2 or None
+        B, grid, r = len(video), model.grid(video.shape), cfg['decoder_mask_ratio']
+        mask = make_mask(B, grid, cfg['mask_ratio'], g, d.device)  # (B, N), True = hidden
+        # VideoMAE V2's dual masking: the cubes the decoder skips (B, N); None: the paper's v1
+        drop = masking.running_cell_masking(B, grid, r, g, d.device) if r else None
         pred = run.net(video, mask, drop)               # (B, N_masked or N_kept, 3*t*p*p)
         return videomae.pretrain_loss(pred, video, mask, p, t, cfg['normalize_target'], drop)
 
@@ -187,14 +188,6 @@ def train(cfg, d):
                 run.log.image(f'reconstruction/video-{k}', picture, run.it + 1)
     run.bar.close()
     return model
-
-
-def decoder_mask(cfg, batch_size, grid, generator, device):
-    """VideoMAE V2's dual masking: the cubes the decoder skips (B, N), or None (the paper's v1)."""
-    if not cfg['decoder_mask_ratio']:
-        return None
-    return masking.running_cell_masking(batch_size, grid, cfg['decoder_mask_ratio'], generator,
-                                        device)
 
 
 # --------------------------------------------------------------------------------------------------
