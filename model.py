@@ -67,8 +67,10 @@ def _cube_view(video, patch_size, tubelet_size):
     """(B, 3, T, H, W) -> view (B, T', H', W', 3, t, p, p): one entry per cube, no copy."""
     if video.ndim != 5 or video.shape[1] != 3:
         raise ValueError(f"expected a video (B, 3, T, H, W), got shape {tuple(video.shape)}")
-    (T_, H_, W_), t, p = grid_of(video.shape, patch_size, tubelet_size), tubelet_size, patch_size
-    return video.reshape(*video.shape[:2], T_, t, H_, p, W_, p).permute(0, 2, 4, 6, 1, 3, 5, 7)
+    T_, H_, W_ = grid_of(video.shape, patch_size, tubelet_size)
+    t, p = tubelet_size, patch_size
+    x = video.reshape(video.shape[0], 3, T_, t, H_, p, W_, p)
+    return x.permute(0, 2, 4, 6, 1, 3, 5, 7)
 
 
 # ----------------------------------------------------------------------------- positions
@@ -114,6 +116,8 @@ class DropPath(nn.Module):
         if self.p == 0.0 or not self.training:
             return x
         keep = x.new_empty((x.shape[0],) + (1,) * (x.ndim - 1)).bernoulli_(1.0 - self.p)
+        # x itself divided, as the official code: torchvision's StochasticDepth multiplies by
+        # 1 / (1 - p) made in x's dtype, which in bf16 rounds (the kept samples up to 0.4% off)
         return x * keep / (1.0 - self.p)
 
 
@@ -122,7 +126,8 @@ class Attention(nn.Module):
     bias of its own: q and v get learned biases, k none (it would cancel in the softmax)."""
     def __init__(self, dim, num_heads):
         super().__init__()
-        self.num_heads, self.qkv = num_heads, nn.Linear(dim, 3 * dim, bias=False)  # rows q | k | v
+        self.num_heads = num_heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)                      # rows q | k | v
         self.q_bias, self.v_bias = nn.Parameter(torch.zeros(dim)), nn.Parameter(torch.zeros(dim))
         self.proj = nn.Linear(dim, dim)
 
@@ -140,8 +145,10 @@ class Block(nn.Module):
     def __init__(self, dim, num_heads, mlp_ratio, drop_path):
         super().__init__()
         hidden = int(dim * mlp_ratio)
-        self.norm1, self.attn = nn.LayerNorm(dim, eps=1e-6), Attention(dim, num_heads)
-        self.drop_path, self.norm2 = DropPath(drop_path), nn.LayerNorm(dim, eps=1e-6)
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, num_heads)
+        self.drop_path = DropPath(drop_path)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
         self.mlp = nn.Sequential(OrderedDict(fc1=nn.Linear(dim, hidden), act=nn.GELU(),
                                              fc2=nn.Linear(hidden, dim)))
 
@@ -180,8 +187,10 @@ class VisionTransformer(nn.Module):
     def __init__(self, cfg, num_classes):
         super().__init__()
         D, pool = cfg['embed_dim'], cfg['use_mean_pooling']
-        self.config, self.embed_dim = {**cfg, 'num_classes': num_classes}, D
-        self.patch_size, self.tubelet_size = p, t = cfg['patch_size'], cfg['tubelet_size']
+        p, t = cfg['patch_size'], cfg['tubelet_size']
+        self.config = {**cfg, 'num_classes': num_classes}
+        self.embed_dim = D
+        self.patch_size, self.tubelet_size = p, t
         # cube embedding: Conv3d with kernel = stride = (t, p, p), i.e. one Linear per cube
         self.patch_embed = nn.ModuleDict(dict(proj=nn.Conv3d(3, D, (t, p, p), (t, p, p))))
         self.pos_grid = self.grid((cfg['num_frames'], cfg['img_size'], cfg['img_size']))
@@ -220,10 +229,13 @@ class VisionTransformer(nn.Module):
 
 
 class PretrainVideoMAE(nn.Module):
+    """The encoder over the visible cubes, then a narrow decoder over all tokens (mask tokens for
+    the hidden cubes) that predicts the hidden cubes' pixels."""
     def __init__(self, cfg):
         super().__init__()
-        self.config, Dd = cfg, cfg['decoder_embed_dim']
-        self.patch_size, self.tubelet_size = p, t = cfg['patch_size'], cfg['tubelet_size']
+        Dd, p, t = cfg['decoder_embed_dim'], cfg['patch_size'], cfg['tubelet_size']
+        self.config = cfg
+        self.patch_size, self.tubelet_size = p, t
         self.encoder = VisionTransformer({**cfg, 'use_mean_pooling': False}, 0)
         self.decoder = nn.ModuleDict(dict(
             blocks=Blocks(Dd, cfg['decoder_depth'], cfg['decoder_num_heads'], cfg),
@@ -311,7 +323,7 @@ def pretrain_loss(pred, video, mask, patch_size=16, tubelet_size=2, normalize=Tr
     B, N, P = target.shape
     mask = mask.reshape(B, N).to(target.device, torch.bool)
     rows = mask if decoder_mask is None else ~decoder_mask.reshape(B, N).to(mask.device, torch.bool)
-    target = target[rows].reshape(B, -1, P)
+    target = target[rows].reshape(B, -1, P)                       # the cubes pred has, in order
     if pred.shape != target.shape:
         raise ValueError(f"predictions {tuple(pred.shape)} do not match the decoded-cube targets "
                          f"{tuple(target.shape)}")
@@ -322,21 +334,17 @@ def pretrain_loss(pred, video, mask, patch_size=16, tubelet_size=2, normalize=Tr
 
 
 @torch.no_grad()
-def reconstruct(video, mask, pred, patch_size=16, tubelet_size=2, normalize=True,
-                decoder_mask=None):
+def reconstruct(video, mask, pred, patch_size=16, tubelet_size=2, normalize=True):
     """Picture (B, 3, T, H, W) in [0, 1]: the visible cubes' pixels, and the predictions for the
-    masked ones de-normalised with the ORIGINAL cube's mean/std (as the official visualisation);
-    masked cubes that a decoder_mask drops are black (nothing predicted them)."""
+    masked ones de-normalised with the ORIGINAL cube's mean/std (as the official visualisation)."""
     B, t, p = video.shape[0], tubelet_size, patch_size
     cubes = cube_targets(video, p, t, normalize=False).view(B, -1, t * p * p, 3)   # [0, 1]
-    m = mask.reshape(B, -1).to(device=video.device, dtype=torch.bool)
-    rows = m if decoder_mask is None else ~decoder_mask.reshape(B, -1).to(m.device, torch.bool)
-    out = pred.float().reshape(-1, t * p * p, 3)                  # the cubes of rows, in order
+    mask = mask.reshape(B, -1).to(device=video.device, dtype=torch.bool)
+    out = pred.float().reshape(-1, t * p * p, 3)                  # the masked cubes, in order
     if normalize:
-        gt = cubes[rows]
+        gt = cubes[mask]
         out = out * (gt.std(-2, keepdim=True) + 1e-6) + gt.mean(-2, keepdim=True)
-    cubes[m & ~rows] = 0.0
-    cubes[m & rows] = out[m[rows]]
+    cubes[mask] = out
     x = cubes.view(B, *grid_of(video.shape, p, t), t, p, p, 3)                    # back to pixels
     return x.permute(0, 7, 1, 4, 2, 5, 3, 6).reshape(video.shape).clamp(0, 1)
 
@@ -395,8 +403,9 @@ def load_checkpoint(model, path):
     if classifier and is_pre:
         # Fine-tuning keeps encoder.* (prefix removed); encoder.norm becomes the token norm of a
         # model without mean pooling (AVA), else it is left out like the decoder side.
-        pre_only = ('decoder.', 'encoder_to_decoder.', 'encoder.head.', 'mask_token') + \
-            (() if 'norm.weight' in target else ('encoder.norm.',))
+        pre_only = ('decoder.', 'encoder_to_decoder.', 'encoder.head.', 'mask_token')
+        if 'norm.weight' not in target:
+            pre_only += ('encoder.norm.',)
         sd = leave_out(pre_only, ('fc_norm.', 'head.'), 'pre-training checkpoint: encoder loaded; '
                        'decoder, encoder_to_decoder, mask_token and encoder.norm left out; fc_norm '
                        'and head keep their fresh init')
@@ -439,15 +448,12 @@ _HUB = [('patch_embed.proj.', 'embeddings.patch_embeddings.projection.'),
         ('attn.', 'attention.attention.'), ('attn.proj.', 'attention.output.dense.'),
         ('mlp.fc1.', 'intermediate.dense.'), ('mlp.fc2.', 'output.dense.'),
         ('norm1.', 'layernorm_before.'), ('norm2.', 'layernorm_after.')]
-# our options under their config.json names; the decoder's: the same with decoder_ before both
-_HUB_CONFIG = dict(embed_dim='hidden_size', depth='num_hidden_layers',
-                   num_heads='num_attention_heads', img_size='image_size', patch_size='patch_size',
-                   tubelet_size='tubelet_size', num_frames='num_frames')
 
 
 def _from_hub(sd):
-    """transformers' keys -> ours."""
-    vit, out = 'encoder.' if 'mask_token' in sd else '', {}
+    """transformers' state dict -> ours."""
+    vit = 'encoder.' if 'mask_token' in sd else ''          # our ViT's prefix
+    out = {}
     for k, v in sd.items():
         k = k.replace('query.bias', 'q_bias').replace('value.bias', 'v_bias')        # 5.x -> 4.x
         for ours, hub in _HUB:
@@ -463,8 +469,8 @@ def _from_hub(sd):
 def hub_config_notes(folder):
     """Where a transformers folder's config.json disagrees with the official architecture (traps
     of the converted configs): our models keep the official numerics."""
-    hub, pre = (os.path.join(folder, n) for n in ('config.json', 'preprocessor_config.json'))
-    hub, pre = (json.load(open(f)) if os.path.isfile(f) else {} for f in (hub, pre))
+    files = (os.path.join(folder, n) for n in ('config.json', 'preprocessor_config.json'))
+    hub, pre = (json.load(open(f)) if os.path.isfile(f) else {} for f in files)
     size = next((s for s, v in SIZES.items() if v['embed_dim'] == hub.get('hidden_size')), None)
     eps, mean = hub.get('layer_norm_eps', 1e-6), pre.get('image_mean', [0.485])
     heads, official = hub.get('num_attention_heads'), SIZES.get(size, {}).get('num_heads')
@@ -478,22 +484,18 @@ def hub_config_notes(folder):
          f"model has {official}")] if bad]
 
 
-def hub_shape(hub):
-    """build_* arguments of a transformers config.json: size, encoder shape, pooling."""
-    size = next((s for s, v in SIZES.items() if v['embed_dim'] == hub['hidden_size']), 'base')
-    return size, {**{o: hub[h] for o, h in _HUB_CONFIG.items()},
-                  'mlp_ratio': hub['intermediate_size'] / hub['hidden_size'],
-                  'use_mean_pooling': hub.get('use_mean_pooling', True)}
-
-
 def export_hf(model, out_dir, class_names=None):
     """Write model as a transformers folder (config.json + model.safetensors, or pytorch_model.bin
     without the safetensors package) that VideoMAEForPreTraining / VideoMAEForVideoClassification
     load with no missing, unexpected or mismatched keys."""
     c, pre = model.config, isinstance(model, PretrainVideoMAE)
-    cfg = {h: c[o] for o, h in _HUB_CONFIG.items()} | {
-        'decoder_' + _HUB_CONFIG[o]: c['decoder_' + o] for o in ('embed_dim', 'depth', 'num_heads')}
-    cfg.update(model_type='videomae', intermediate_size=int(c['embed_dim'] * c['mlp_ratio']),
+    cfg = dict(hidden_size=c['embed_dim'], num_hidden_layers=c['depth'],
+               num_attention_heads=c['num_heads'], image_size=c['img_size'],
+               patch_size=c['patch_size'], tubelet_size=c['tubelet_size'],
+               num_frames=c['num_frames'], decoder_hidden_size=c['decoder_embed_dim'],
+               decoder_num_hidden_layers=c['decoder_depth'],
+               decoder_num_attention_heads=c['decoder_num_heads'], model_type='videomae',
+               intermediate_size=int(c['embed_dim'] * c['mlp_ratio']),
                decoder_intermediate_size=int(c['decoder_embed_dim'] * c['mlp_ratio']),
                layer_norm_eps=1e-6, qkv_bias=True, num_channels=3, norm_pix_loss=True,
                use_mean_pooling=not pre and c['use_mean_pooling'],

@@ -43,8 +43,19 @@ def save(hub, folder, safe):
         torch.save(sd, folder / 'pytorch_model.bin')
 
 
+def hub_shape(hub):
+    """build_* arguments of a transformers config.json: size, encoder shape, pooling."""
+    size = next((s for s, v in vmae.SIZES.items() if v['embed_dim'] == hub['hidden_size']), 'base')
+    return size, dict(embed_dim=hub['hidden_size'], depth=hub['num_hidden_layers'],
+                      num_heads=hub['num_attention_heads'], img_size=hub['image_size'],
+                      patch_size=hub['patch_size'], tubelet_size=hub['tubelet_size'],
+                      num_frames=hub['num_frames'],
+                      mlp_ratio=hub['intermediate_size'] / hub['hidden_size'],
+                      use_mean_pooling=hub.get('use_mean_pooling', True))
+
+
 def ours_like(hub_dir, classes=0):
-    size, shape = vmae.hub_shape(json.load(open(hub_dir / 'config.json')))
+    size, shape = hub_shape(json.load(open(hub_dir / 'config.json')))
     if classes:
         return vmae.build_classifier(size, classes, **shape)
     return vmae.build_pretrain(size, **shape, decoder_embed_dim=32, decoder_depth=1,
@@ -148,7 +159,7 @@ def test_the_stages_take_hub_folders_and_write_them(tmp_path, videos, pretrained
 def test_a_bare_videomae_model_gives_our_encoder_features(tmp_path):
     hub = randomised(transformers.VideoMAEModel(transformers.VideoMAEConfig(**HUB)))
     hub.save_pretrained(tmp_path)
-    size, shape = vmae.hub_shape(json.load(open(tmp_path / 'config.json')))
+    size, shape = hub_shape(json.load(open(tmp_path / 'config.json')))
     ours = vmae.build_classifier(size, 0, **shape).eval()   # features only: no head
     report = vmae.load_checkpoint(ours, tmp_path)
     assert report['source'] == 'hub-classifier' and 'bare VideoMAEModel' in report['notes'][-1]
