@@ -31,10 +31,11 @@ from torchvision.ops import box_convert, box_iou, clip_boxes_to_image, remove_sm
 from torchvision.transforms import v2
 from tqdm import tqdm
 
+import checkpoints
 import data
 import synthetic
 import utils
-from model import build_classifier, load_checkpoint
+from model import build_classifier
 
 
 # -- Recipes: Table 12, AVA v2.2 -------------------------------------------------------------------
@@ -340,7 +341,7 @@ def build_detector(cfg):
                            drop_path_rate=cfg['drop_path'], **utils.shape(cfg))
     if cfg.get('finetune'):
         # pre-trained: encoder.norm -> norm; Kinetics-fine-tuned: fc_norm left out, norm at 1/0
-        utils.load_weights(load_checkpoint, vit, cfg['finetune'], '--finetune')
+        utils.load_weights(checkpoints.load_checkpoint, vit, cfg['finetune'], '--finetune')
     return Detector(vit, cfg['head_dropout'])
 
 

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
+import checkpoints
 import data
 import model as vmae
 import utils
@@ -278,14 +279,16 @@ def main(argv=None):
                                                  cfg['fold'])
     model = build_model(cfg, len(classes)).to(d.device)
     if resume and only_test:                     # ours, official or a transformers folder
-        utils.load_weights(vmae.load_checkpoint, model, resume, '--resume', d.is_main)
+        utils.load_weights(checkpoints.load_checkpoint, model, resume, '--resume', d.is_main)
     elif cfg['finetune'] and not resume:
-        utils.load_weights(vmae.load_checkpoint, model, cfg['finetune'], '--finetune', d.is_main)
+        utils.load_weights(checkpoints.load_checkpoint, model, cfg['finetune'], '--finetune',
+                           d.is_main)
     elif only_test and not resume:
         raise SystemExit('error: --eval, --predict and --export_hf need weights: --resume CKPT '
                          f"(or a checkpoint in {cfg['output_dir']}) or --finetune FINE_TUNED.pth")
     if cfg['export_hf']:
-        return print('transformers folder:', vmae.export_hf(model, cfg['export_hf'], classes))
+        return print('transformers folder:',
+                     checkpoints.export_hf(model, cfg['export_hf'], classes))
     autocast = utils.amp_setup(d.device, cfg['precision'])[0]
     if cfg['predict']:
         return predict(cfg, d, model, classes, autocast)

@@ -19,6 +19,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+import checkpoints
 import data
 import finetune
 import model as vmae
@@ -111,7 +112,7 @@ class LinearProbe(nn.Module):
 def build_probe(cfg, num_classes):
     encoder = vmae.build_classifier(cfg['model'], 0, **utils.shape(cfg))
     if cfg['finetune'] and not cfg['random_init']:
-        utils.load_weights(vmae.load_checkpoint, encoder, cfg['finetune'], '--finetune')
+        utils.load_weights(checkpoints.load_checkpoint, encoder, cfg['finetune'], '--finetune')
     return LinearProbe(encoder, num_classes)
 
 

@@ -794,7 +794,7 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
 
 
 def load_weights(load, model, path, flag, is_main=True):
-    """load(model, path) (model.load_checkpoint), its report printed; a misfit: one error line."""
+    """load(model, path) (checkpoints.load_checkpoint), report printed; a misfit: one error line."""
     try:
         report = load(model, path)
     except (ValueError, OSError, ImportError) as e:

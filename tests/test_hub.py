@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoints
 import model as vmae
 import utils
 
@@ -71,7 +72,7 @@ def test_a_hub_pretraining_folder_gives_transformers_reconstructions(tmp_path, s
         transformers.VideoMAEConfig(**HUB, use_mean_pooling=False)))
     save(hub, tmp_path, safe)
     ours = ours_like(tmp_path).eval()
-    report = vmae.load_checkpoint(ours, tmp_path)
+    report = checkpoints.load_checkpoint(ours, tmp_path)
     assert report['source'] == 'hub-pretrain' and report['missing'] == []
     mask = torch.zeros(2, 32, dtype=torch.bool)
     mask[:, torch.randperm(32)[:24]] = True
@@ -89,7 +90,7 @@ def test_a_hub_classifier_folder_gives_transformers_logits_and_its_label_names(t
     hub = randomised(transformers.VideoMAEForVideoClassification(cfg))
     save(hub, tmp_path, safe)
     ours = ours_like(tmp_path, 3).eval()
-    report = vmae.load_checkpoint(ours, tmp_path)
+    report = checkpoints.load_checkpoint(ours, tmp_path)
     assert report['source'] == 'hub-classifier' and report['missing'] == []
     with torch.no_grad():
         assert rel_err(ours(VIDEO), hub(VIDEO.transpose(1, 2)).logits) <= 2e-5
@@ -97,7 +98,7 @@ def test_a_hub_classifier_folder_gives_transformers_logits_and_its_label_names(t
     assert utils.checkpoint_meta(str(tmp_path))['classes'] == names
     # the weights file alone loads too
     alone = tmp_path / ('model.safetensors' if safe else 'pytorch_model.bin')
-    assert vmae.load_checkpoint(ours_like(tmp_path, 3), alone)['missing'] == []
+    assert checkpoints.load_checkpoint(ours_like(tmp_path, 3), alone)['missing'] == []
 
 
 @pytest.mark.parametrize('kind', ['pretrain', 'classifier'])
@@ -107,7 +108,7 @@ def test_our_models_export_to_folders_transformers_loads_with_the_same_outputs(t
     if kind == 'pretrain':
         ours = randomised(vmae.build_pretrain('small', **shape, decoder_embed_dim=32,
                                               decoder_depth=1, decoder_num_heads=2))
-        vmae.export_hf(ours, tmp_path)
+        checkpoints.export_hf(ours, tmp_path)
         hub, info = transformers.VideoMAEForPreTraining.from_pretrained(tmp_path,
                                                                          output_loading_info=True)
         mask = torch.zeros(2, 32, dtype=torch.bool)
@@ -116,7 +117,7 @@ def test_our_models_export_to_folders_transformers_loads_with_the_same_outputs(t
             got, want = ours(VIDEO, mask), hub.eval()(VIDEO.transpose(1, 2), bool_masked_pos=mask)
     else:
         ours = randomised(vmae.build_classifier('small', 3, **shape))
-        vmae.export_hf(ours, tmp_path, class_names=['a', 'b', 'c'])
+        checkpoints.export_hf(ours, tmp_path, class_names=['a', 'b', 'c'])
         hub, info = transformers.VideoMAEForVideoClassification.from_pretrained(
             tmp_path, output_loading_info=True)
         assert hub.config.id2label == {0: 'a', 1: 'b', 2: 'c'}
@@ -132,7 +133,7 @@ def test_a_hub_config_that_disagrees_with_the_official_architecture_is_reported(
     hub.save_pretrained(tmp_path)
     (tmp_path / 'preprocessor_config.json').write_text(json.dumps(
         {'image_mean': [0.5, 0.5, 0.5], 'image_std': [0.5, 0.5, 0.5]}))
-    report = vmae.load_checkpoint(ours_like(tmp_path, 2), tmp_path)
+    report = checkpoints.load_checkpoint(ours_like(tmp_path, 2), tmp_path)
     assert any('layer_norm_eps 1e-12' in n for n in report['notes'])
     assert any('image_mean [0.5, 0.5, 0.5]' in n for n in report['notes'])
 
@@ -161,7 +162,7 @@ def test_a_bare_videomae_model_gives_our_encoder_features(tmp_path):
     hub.save_pretrained(tmp_path)
     size, shape = hub_shape(json.load(open(tmp_path / 'config.json')))
     ours = vmae.build_classifier(size, 0, **shape).eval()   # features only: no head
-    report = vmae.load_checkpoint(ours, tmp_path)
+    report = checkpoints.load_checkpoint(ours, tmp_path)
     assert report['source'] == 'hub-classifier' and 'bare VideoMAEModel' in report['notes'][-1]
     with torch.no_grad():
         got, want = ours.forward_features(VIDEO), hub(VIDEO.transpose(1, 2)).last_hidden_state
@@ -172,14 +173,15 @@ def test_without_safetensors_export_writes_pytorch_model_bin_and_loading_says_wh
         tmp_path, monkeypatch):
     shape = dict(embed_dim=64, depth=2, num_heads=4, patch_size=8, img_size=32, num_frames=4)
     ours = randomised(vmae.build_classifier('small', 3, **shape))
-    vmae.export_hf(ours, tmp_path / 'safe')                     # with the package
+    checkpoints.export_hf(ours, tmp_path / 'safe')              # with the package
     with monkeypatch.context() as m:                            # as if it were not installed
         m.setitem(sys.modules, 'safetensors', None)
         m.setitem(sys.modules, 'safetensors.torch', None)
-        vmae.export_hf(ours, tmp_path / 'bin')
+        checkpoints.export_hf(ours, tmp_path / 'bin')
         with pytest.raises(SystemExit, match=r"^error: --finetune .*: pip install safetensors$"):
-            utils.load_weights(vmae.load_checkpoint, vmae.build_classifier('small', 3, **shape),
-                               tmp_path / 'safe', '--finetune')
+            utils.load_weights(checkpoints.load_checkpoint,
+                               vmae.build_classifier('small', 3, **shape), tmp_path / 'safe',
+                               '--finetune')
     assert sorted(p.name for p in (tmp_path / 'bin').iterdir()) == ['config.json',
                                                                     'pytorch_model.bin']
     hub = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / 'bin')

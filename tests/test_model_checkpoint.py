@@ -6,8 +6,9 @@ import argparse
 import pytest
 import torch
 
+from checkpoints import load_checkpoint
 from masking import tube_masking
-from model import build_classifier, build_pretrain, load_checkpoint
+from model import build_classifier, build_pretrain
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
             decoder_num_heads=2, patch_size=8, img_size=32, num_frames=4)

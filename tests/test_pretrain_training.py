@@ -12,6 +12,7 @@ import pytest
 import torch
 import torchvision
 
+import checkpoints
 import model as videomae
 import utils
 from conftest import PRETRAIN, records, run, weights
@@ -51,7 +52,7 @@ def test_encoder_loads_into_the_classifier(reference):
     cfg = torch.load(reference / 'checkpoint-00004.pth', map_location='cpu',
                      weights_only=True)['config']
     clf = videomae.build_classifier(cfg['model'], 2, **utils.shape(cfg))
-    report = videomae.load_checkpoint(clf, reference / 'checkpoint-00004.pth')
+    report = checkpoints.load_checkpoint(clf, reference / 'checkpoint-00004.pth')
     assert sorted(report['missing']) == ['fc_norm.bias', 'fc_norm.weight', 'head.bias',
                                          'head.weight']
     enc = weights(reference / 'checkpoint-00004.pth')
