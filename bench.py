@@ -16,6 +16,7 @@ import data
 import masking
 import model
 import pretrain
+import synthetic
 import utils
 
 
@@ -86,7 +87,7 @@ def bench_data(args):
             ('UCF101-like 320x240 MPEG-4 AVI, 25 fps, 7 s, GOP 12', 175, 240, 320, 25, 12)]:
         with tempfile.TemporaryDirectory() as tmp:
             path = os.path.join(tmp, 'video.mp4' if 'MP4' in name else 'video.avi')
-            data.encode_video(path, _moving_texture(n, h, w), fps=fps, gop=gop)
+            synthetic.encode_video(path, _moving_texture(n, h, w), fps=fps, gop=gop)
             starts = np.random.default_rng(0).integers(0, n - T * stride + 1, 1000).tolist()
 
             def run(reader, k, windows):

@@ -8,6 +8,7 @@ import contextlib
 import csv
 import json
 import os
+import signal
 import warnings
 from fractions import Fraction
 
@@ -18,6 +19,8 @@ import torch.distributed as dist
 import torchvision.transforms as T1
 import torchvision.transforms.v2 as T2
 import torchvision.transforms.v2.functional as TF
+
+import synthetic
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,28 +120,6 @@ def video_info(path):
     container, stream, fps, num = _open(path, 1)
     with container:
         return num, float(fps), stream.height, stream.width
-
-
-def encode_video(path, frames, fps=25, codec=None, gop=12, bit_rate=None):
-    """Write uint8 frames (T, H, W, 3) to `path` (fixtures, synthetic data, bench). Codec by
-    extension: .avi MPEG-4 Part 2 with the XVID tag (as UCF101), .mp4/.mkv H.264, .webm VP9."""
-    ext = os.path.splitext(path)[1].lower()
-    codec = codec or {'.avi': 'mpeg4', '.webm': 'libvpx-vp9'}.get(ext, 'libx264')
-    frames = np.asarray(frames, dtype=np.uint8)
-    with av.open(path, 'w') as out:
-        s = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
-        s.height, s.width, s.pix_fmt, s.codec_context.gop_size = *frames.shape[1:3], 'yuv420p', gop
-        if codec == 'mpeg4':  # MPEG-4 at a bit rate; H.264 and VP9 at a constant quality (crf)
-            s.codec_tag = 'XVID'
-            s.codec_context.bit_rate = bit_rate or 8 * frames.shape[1] * frames.shape[2] * int(fps)
-        elif codec == 'libx264':
-            s.options = dict(preset='veryfast', crf='18', keyint_min=str(gop), sc_threshold='0')
-        elif codec.startswith('libvpx'):
-            s.options = {'deadline': 'realtime', 'cpu-used': '8', 'crf': '20', 'b': '0'}
-            s.codec_context.bit_rate = bit_rate or 0
-        for f in frames:
-            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
-        out.mux(s.encode())
 
 
 # -- 2. Temporal sampling (appendix B) -------------------------------------------------------------
@@ -299,7 +280,8 @@ class VideoDataset(torch.utils.data.Dataset):
         index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
         failed, idx = [], index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(item_seed(self.seed, epoch, index))
+            # the CPU generator only: torch.manual_seed would also queue CUDA's, with a stack trace
+            torch.default_generator.manual_seed(item_seed(self.seed, epoch, index))
             for _ in range(self.max_retries + 1):
                 path, label = self.samples[idx]
                 try:
@@ -362,6 +344,10 @@ class EpochSampler(torch.utils.data.DistributedSampler):
 
 def _worker_init(_):
     torch.set_num_threads(1)  # each worker one op thread: the workers are the parallelism
+    # SIGTERM/Ctrl-C to the whole job (SLURM, a terminal) is the main process's: it saves, then
+    # stops the workers (had they died first, it would crash)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
 def make_loader(dataset, batch_size, *, train, num_workers, seed=0, collate_fn=None):
@@ -540,7 +526,6 @@ def load_split(dataset, data_path, split, fold=1):
     if split not in ('train', 'val', 'test'):
         raise ValueError(f"split must be 'train', 'val' or 'test', got {split!r}")
     if dataset == 'synthetic':  # the built-in motion set, in the UCF101 layout
-        import synthetic  # here, not at the top: synthetic imports data (encode_video)
         dataset, data_path = 'ucf101', data_path or synthetic.ensure_motion()
     if dataset not in readers:
         raise ValueError(f'unknown dataset {dataset!r}; choose from synthetic, '

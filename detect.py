@@ -277,7 +277,7 @@ class AVAClips(torch.utils.data.Dataset):
         index, epoch = key if isinstance(key, (tuple, list)) else (key, 0)
         failed, idx = [], index
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(data.item_seed(self.seed, epoch, index))
+            torch.default_generator.manual_seed(data.item_seed(self.seed, epoch, index))
             for _ in range(10):
                 vid, sec, boxes, labels, scores = self.entries[idx]
                 try:

@@ -9,13 +9,13 @@ import json
 import os
 import shutil
 import tempfile
+from fractions import Fraction
 
+import av
 import numpy as np
 import torch
 from torchvision.io import encode_jpeg, write_file
 from tqdm import tqdm
-
-import data
 
 MARKER = 'synthetic.json'  # the generation parameters, written last: its presence means "complete"
 
@@ -69,6 +69,30 @@ def _write_lines(folder, rel, lines):
         f.writelines(ln + '\n' for ln in lines)
 
 
+def encode_video(path, frames, fps=25, codec=None, gop=12, bit_rate=None):
+    """Write uint8 frames (T, H, W, 3) to `path` (the synthetic sets, bench.py, test fixtures).
+    Codec by extension: .avi MPEG-4 Part 2 with the XVID tag (as UCF101), .mp4/.mkv H.264, .webm
+    VP9."""
+    ext = os.path.splitext(path)[1].lower()
+    codec = codec or {'.avi': 'mpeg4', '.webm': 'libvpx-vp9'}.get(ext, 'libx264')
+    frames = np.asarray(frames, dtype=np.uint8)
+    with av.open(path, 'w') as out:
+        s = out.add_stream(codec, rate=Fraction(fps).limit_denominator(1001))
+        s.height, s.width, s.pix_fmt, s.codec_context.gop_size = *frames.shape[1:3], 'yuv420p', gop
+        if codec == 'mpeg4':  # MPEG-4 at a bit rate; H.264 and VP9 at a constant quality (crf)
+            s.codec_tag = 'XVID'
+            s.codec_context.bit_rate = bit_rate or 8 * frames.shape[1] * frames.shape[2] * int(fps)
+        elif codec == 'libx264':
+            s.options = dict(preset='veryfast', crf='18', keyint_min=str(gop), sc_threshold='0')
+        elif codec.startswith('libvpx'):
+            s.options = {'deadline': 'realtime', 'cpu-used': '8', 'crf': '20', 'b': '0'}
+            s.codec_context.bit_rate = bit_rate or 0
+        for f in frames:
+            out.mux(s.encode(av.VideoFrame.from_ndarray(f, format='rgb24')))
+        out.mux(s.encode())
+
+
+
 # ---- the motion set: motions that no single frame reveals, in the UCF101 layout ------------------
 MOTION_CLASSES = ['MoveLeft', 'MoveRight', 'MoveUp', 'MoveDown', 'RotateClockwise',
                   'RotateCounterClockwise', 'Approach', 'Recede']
@@ -117,7 +141,7 @@ def _write_motion(folder, seed, num_train, num_test, num_frames, size):
         os.makedirs(os.path.join(folder, 'UCF-101', name), exist_ok=True)
         rel = f'{name}/v_{name}_g{k // 4 + 1:02d}_c{k % 4 + 1:02d}.avi'
         video = _motion_video(np.random.default_rng([seed, ci, k]), ci, num_frames, size)
-        data.encode_video(os.path.join(folder, 'UCF-101', rel), video, fps=25, gop=12,
+        encode_video(os.path.join(folder, 'UCF-101', rel), video, fps=25, gop=12,
                           bit_rate=3 * size * size * 25)
         test.append(rel) if k < num_test else train.append(f'{rel} {ci + 1}')
     _write_lines(folder, 'ucfTrainTestlist/classInd.txt',

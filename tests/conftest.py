@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-import data
 import model as vmae
+import synthetic
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
@@ -84,7 +84,7 @@ def make_ucf_layout(root, per_class_train=4, per_class_test=2, size=40, frames=1
             video = sliding_square(rng, [(0, -1), (0, 1), (-1, 0), (1, 0)][c], size, frames,
                                    background)
             rel = f'{name}/v_{name}_g{k + 1:02d}_c01.avi'
-            data.encode_video(os.path.join(root, 'UCF-101', rel), video)
+            synthetic.encode_video(os.path.join(root, 'UCF-101', rel), video)
             (train.append(f'{rel} {c + 1}') if k < per_class_train else test.append(rel))
     lists = os.path.join(root, 'ucfTrainTestlist')
     for fname, lines in (('classInd.txt', [f'{i + 1} {n}' for i, n in enumerate(CLASSES)]),
@@ -102,7 +102,7 @@ def make_list_layout(root, n_train=16, n_test=2, size=32, frames=12):
         lines = []
         for i in range(n):
             video = sliding_square(rng, (0, 1 if i % 2 else -1), size, frames, background)
-            data.encode_video(os.path.join(root, f'{split}{i}.avi'), video)
+            synthetic.encode_video(os.path.join(root, f'{split}{i}.avi'), video)
             lines.append(f'{split}{i}.avi {i % 2}')
         with open(os.path.join(root, f'{split}.csv'), 'w') as f:
             f.write('\n'.join(lines) + '\n')

@@ -9,12 +9,13 @@ import numpy as np
 import pytest
 
 import data
+import synthetic
 
 
 def clip(path, frames=20, h=32, w=32, seed=0):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     rng = np.random.default_rng(seed)
-    data.encode_video(str(path), rng.integers(0, 255, (frames, h, w, 3), dtype=np.uint8),
+    synthetic.encode_video(str(path), rng.integers(0, 255, (frames, h, w, 3), dtype=np.uint8),
                       fps=25, gop=12)
 
 

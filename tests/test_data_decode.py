@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import data
+import synthetic
 
 # frame i carries i in binary: 8 big black/white blocks (2 rows x 4), robust to lossy codecs
 BITS = 8
@@ -49,7 +50,7 @@ def test_decode_frames_is_frame_accurate(tmp_path, ext, codec):
         pytest.skip(f'PyAV build has no {codec} encoder')
     n = 75
     path = str(tmp_path / f'numbered.{ext}')
-    data.encode_video(path, numbered_video(n), fps=25, codec=codec, gop=12)
+    synthetic.encode_video(path, numbered_video(n), fps=25, codec=codec, gop=12)
     # scattered, unsorted, repeated, across keyframes (GOP 12), first and last frames
     asked = [0, 5, 11, 12, 13, 23, 24, 25, 40, 41, 3, 59, 60, 73, 74, 74, 37, 37, 0]
     frames = data.decode_frames(path, asked)
@@ -63,7 +64,7 @@ def test_decode_frames_is_frame_accurate(tmp_path, ext, codec):
 
 def test_decode_frames_past_the_end_is_an_error(tmp_path):
     path = str(tmp_path / 'short.mp4')
-    data.encode_video(path, numbered_video(20), fps=25)
+    synthetic.encode_video(path, numbered_video(20), fps=25)
     with pytest.raises(data.VideoDecodeError, match='short.mp4'):
         data.decode_frames(path, [5, 30])
     # within tail_slack the last frame stands in (frame counts of AVI/WebM headers are estimates)
@@ -76,7 +77,7 @@ def test_broken_files_raise_video_decode_error_naming_the_file(tmp_path):
     with pytest.raises(data.VideoDecodeError, match='text.avi'):
         data.decode_frames(str(txt), [0])
     good = str(tmp_path / 'good.avi')
-    data.encode_video(good, numbered_video(60), fps=25, gop=12)
+    synthetic.encode_video(good, numbered_video(60), fps=25, gop=12)
     raw = open(good, 'rb').read()
     trunc = tmp_path / 'truncated.avi'
     trunc.write_bytes(raw[:len(raw) // 3])

@@ -11,6 +11,7 @@ from torchvision.io import encode_jpeg
 
 import data
 import detect
+import synthetic
 from detect import (AVAClips, FrameFolder, VideoFolder, clip_offsets, entries_from, extend_boxes,
                     jitter_boxes, jitter_colour, read_aia_json, read_ava_csv, read_excluded,
                     read_label_map, transform_clip)
@@ -119,7 +120,7 @@ def test_slowfast_frames_and_videos_give_the_frames_around_the_keyframe(tmp_path
     # the same movie as a 15-minute cut (--video_start 900), decoded with PyAV via
     # data.decode_frames
     os.makedirs(tmp_path / 'videos')
-    data.encode_video(str(tmp_path / 'videos' / f'{VID}.mp4'), frames, fps=30)
+    synthetic.encode_video(str(tmp_path / 'videos' / f'{VID}.mp4'), frames, fps=30)
     clip = VideoFolder(str(tmp_path / 'videos'), start=900).clip(VID, 902, offsets)
     # H.264 is lossy
     assert clip.shape == (4, 3, 16, 24) and level(clip) == pytest.approx([53, 57, 61, 65], abs=1)

@@ -87,6 +87,25 @@ def test_sigterm_in_the_last_step_of_an_epoch_resumes_to_the_same_weights(
 
 
 @pytest.mark.slow
+def test_sigterm_to_the_whole_process_group_with_decoding_workers_saves_and_resumes(list_videos,
+                                                                                  tmp_path):
+    # SLURM's pre-emption and a terminal's Ctrl-C signal every process of the job, the DataLoader
+    # workers too: the main process must still save, and the resumed run end where the whole does
+    args = [*PRETRAIN, '--data_path', list_videos, '--num_workers', 2, '--epochs', 8]
+    run('pretrain.py', *args, '--output_dir', tmp_path / 'whole')
+    proc = start('pretrain.py', [*args, '--output_dir', tmp_path / 'cut'], start_new_session=True)
+    wait_for(lambda: (tmp_path / 'cut/log.jsonl').exists() and
+             '"step"' in (tmp_path / 'cut/log.jsonl').read_text())
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 0 and 'Traceback' not in err, err[-3000:]
+    assert 'the same command resumes' in out and checkpoints(tmp_path / 'cut')
+    assert 'resuming' in run('pretrain.py', *args, '--output_dir', tmp_path / 'cut').stdout
+    assert_same_weights(weights(tmp_path / 'cut/checkpoint-00008.pth'),
+                        weights(tmp_path / 'whole/checkpoint-00008.pth'))
+
+
+@pytest.mark.slow
 def test_sigkill_after_a_checkpoint_resumes_to_the_same_weights(list_videos, tmp_path):
     args = [*PRETRAIN, '--data_path', list_videos, '--save_ckpt_freq', 1]
     run('pretrain.py', *args, '--output_dir', tmp_path / 'whole')
