@@ -67,13 +67,16 @@ def load_checkpoint(model, path):
         # Fine-tuning keeps encoder.* (prefix removed); encoder.norm becomes the token norm of a
         # model without mean pooling (AVA), else it is left out like the decoder side.
         pre_only = ('decoder.', 'encoder_to_decoder.', 'encoder.head.', 'mask_token')
-        if 'norm.weight' not in target:
-            pre_only += ('encoder.norm.',)
-        sd = leave_out(pre_only, ('fc_norm.', 'head.'), 'pre-training checkpoint: encoder loaded; '
-                       'decoder, encoder_to_decoder, mask_token and encoder.norm left out; fc_norm '
-                       'and head keep their fresh init')
+        token_norm = 'norm.weight' in target
+        pre_only += () if token_norm else ('encoder.norm.',)
+        sd = leave_out(pre_only, ('fc_norm.', 'head.'), 'pre-training checkpoint: encoder loaded' +
+                       (' (encoder.norm as the token norm); decoder, encoder_to_decoder and '
+                        'mask_token left out; head keeps its fresh init' if token_norm else
+                        '; decoder, encoder_to_decoder, mask_token and encoder.norm left out; '
+                        'fc_norm and head keep their fresh init'))
         sd = {k.removeprefix('encoder.'): v for k, v in sd.items()}
-    if classifier and kind == 'hub' and not any(k.startswith(('head.', 'fc_norm.')) for k in sd):
+    if classifier and kind == 'hub' and not is_pre and not any(
+            k.startswith(('head.', 'fc_norm.')) for k in sd):
         sd = leave_out((), ('fc_norm.', 'head.'), 'a bare VideoMAEModel: fc_norm and head keep '
                        'their init')
     if classifier and not is_pre and 'fc_norm.weight' in sd and 'fc_norm.weight' not in target:

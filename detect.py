@@ -339,8 +339,7 @@ def build_detector(cfg):
     # the test grid (e.g. 16 x 28 at 256 x 455) instead of recomputing the flat-index table.
     vit = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=False, interpolate_pos=True,
                            drop_path_rate=cfg['drop_path'], **utils.shape(cfg))
-    if cfg.get('finetune'):
-        # pre-trained: encoder.norm -> norm; Kinetics-fine-tuned: fc_norm left out, norm at 1/0
+    if cfg.get('finetune'):  # pre-trained: encoder.norm -> norm; K400-tuned: fc_norm out, norm 1/0
         utils.load_weights(checkpoints.load_checkpoint, vit, cfg['finetune'], '--finetune')
     return Detector(vit, cfg['head_dropout'])
 

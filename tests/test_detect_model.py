@@ -87,6 +87,7 @@ def test_loads_pretrained_and_kinetics_finetuned_checkpoints(tmp_path, capsys):
     assert det.backbone.head.weight.shape == (NUM_ACTIONS, 32)
     out = capsys.readouterr().out
     assert 'fc_norm left out' in out and 'official-classifier' in out and 'official-pretrain' in out
+    assert 'encoder.norm as the token norm' in out and 'encoder.norm left out' not in out
 
 
 def test_loss_is_bce_summed_over_rois():

@@ -80,6 +80,9 @@ def test_a_hub_pretraining_folder_gives_transformers_reconstructions(tmp_path, s
         want = hub(VIDEO.transpose(1, 2), bool_masked_pos=mask).logits
         got = ours(VIDEO, mask)
     assert rel_err(got, want) <= 2e-5
+    report = checkpoints.load_checkpoint(ours_like(tmp_path, classes=5), tmp_path)  # fine-tuning
+    assert report['notes'][0].startswith('pre-training checkpoint: encoder loaded')
+    assert not any('bare VideoMAEModel' in n for n in report['notes'])
 
 
 @pytest.mark.parametrize('safe', [True, False])

@@ -68,7 +68,9 @@ def test_pretrain_into_classifier_reports_exactly_what_it_left_out(tmp_path):
     assert set(report['unexpected']) == (
         {k for k in p.state_dict() if not k.startswith('encoder.')}
         | {'encoder.norm.weight', 'encoder.norm.bias'})
-    assert report['source'] == 'official-pretrain'
+    assert report['source'] == 'official-pretrain' and report['notes'] == [
+        'pre-training checkpoint: encoder loaded; decoder, encoder_to_decoder, mask_token and '
+        'encoder.norm left out; fc_norm and head keep their fresh init']
     for k, v in c.state_dict().items():
         if k.startswith(('patch_embed', 'blocks')):
             assert torch.equal(v, p.state_dict()['encoder.' + k]), k
