@@ -4,6 +4,7 @@ users download, so that the stages read them with the same code as the real data
                    (pretrain.py, finetune.py, linprobe.py: data.load_split('synthetic'));
   ensure_ava():    people-like figures standing, walking, crouching or waving, 30-fps JPEG frames
                    in the SlowFast AVA layout, with real CSV/pbtxt annotations and detected boxes.
+  encode_video():  frames -> a video file, as the datasets ship them (also bench.py's and tests').
 """
 import json
 import os
