@@ -104,6 +104,20 @@ def load_checkpoint(model, path):
     return {'missing': missing, 'unexpected': unexpected, 'source': source, 'notes': notes}
 
 
+def load_weights(model, path, flag, is_main=True):
+    """load_checkpoint for a stage's flag (e.g. '--finetune'), its report printed; a misfit: one
+    error line naming the flag and the file."""
+    try:
+        report = load_checkpoint(model, path)
+    except (ValueError, OSError, ImportError) as e:
+        fix = f': pip install {e.name.split(".")[0]}' if isinstance(e, ImportError) else ''
+        raise SystemExit(f'error: {flag} {path}: {e}{fix}') from None
+    if is_main:
+        print(f"loaded {path} ({report['source']}): missing {report['missing'][:6]}, unused "
+              f"{report['unexpected'][:6]}" + ''.join(f'\n  {n}' for n in report['notes']))
+    return report
+
+
 # ----------------------------------------------------------------------------- Hugging Face folders
 # transformers' VideoMAE names the same tensors otherwise: (ours, theirs), in the order that turns
 # theirs into ours (reversed: ours into theirs). It has one Linear each for query, key and value

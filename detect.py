@@ -340,7 +340,7 @@ def build_detector(cfg):
     vit = build_classifier(cfg['model'], NUM_ACTIONS, use_mean_pooling=False, interpolate_pos=True,
                            drop_path_rate=cfg['drop_path'], **utils.shape(cfg))
     if cfg.get('finetune'):  # pre-trained: encoder.norm -> norm; K400-tuned: fc_norm out, norm 1/0
-        utils.load_weights(checkpoints.load_checkpoint, vit, cfg['finetune'], '--finetune')
+        checkpoints.load_weights(vit, cfg['finetune'], '--finetune')
     return Detector(vit, cfg['head_dropout'])
 
 

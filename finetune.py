@@ -279,10 +279,9 @@ def main(argv=None):
                                                  cfg['fold'])
     model = build_model(cfg, len(classes)).to(d.device)
     if resume and only_test:                     # ours, official or a transformers folder
-        utils.load_weights(checkpoints.load_checkpoint, model, resume, '--resume', d.is_main)
+        checkpoints.load_weights(model, resume, '--resume', d.is_main)
     elif cfg['finetune'] and not resume:
-        utils.load_weights(checkpoints.load_checkpoint, model, cfg['finetune'], '--finetune',
-                           d.is_main)
+        checkpoints.load_weights(model, cfg['finetune'], '--finetune', d.is_main)
     elif only_test and not resume:
         raise SystemExit('error: --eval, --predict and --export_hf need weights: --resume CKPT '
                          f"(or a checkpoint in {cfg['output_dir']}) or --finetune FINE_TUNED.pth")

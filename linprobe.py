@@ -112,7 +112,7 @@ class LinearProbe(nn.Module):
 def build_probe(cfg, num_classes):
     encoder = vmae.build_classifier(cfg['model'], 0, **utils.shape(cfg))
     if cfg['finetune'] and not cfg['random_init']:
-        utils.load_weights(checkpoints.load_checkpoint, encoder, cfg['finetune'], '--finetune')
+        checkpoints.load_weights(encoder, cfg['finetune'], '--finetune')
     return LinearProbe(encoder, num_classes)
 
 

@@ -245,11 +245,11 @@ def main(argv=None):
         if not ckpt:
             raise SystemExit('error: --export_hf needs a checkpoint: --resume CKPT (or one in '
                              f"{cfg['output_dir']})")
-        utils.load_weights(checkpoints.load_checkpoint, model, ckpt, '--resume')
+        checkpoints.load_weights(model, ckpt, '--resume')
         return print('transformers folder:', checkpoints.export_hf(model, cfg['export_hf']))
     if cfg['visualize']:                      # next to the checkpoint: reconstructions/<its name>/
         model = build_model(cfg).to(d.device)
-        utils.load_weights(checkpoints.load_checkpoint, model, cfg['visualize'], '--visualize')
+        checkpoints.load_weights(model, cfg['visualize'], '--visualize')
         name = os.path.splitext(os.path.basename(cfg['visualize']))[0]
         out = os.path.join(os.path.dirname(os.path.abspath(cfg['visualize'])), 'reconstructions',
                            name)

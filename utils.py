@@ -793,19 +793,6 @@ def evaluate(model_fn, loader, d, autocast, failures, classes, title, save_prefi
     return metrics
 
 
-def load_weights(load, model, path, flag, is_main=True):
-    """load(model, path) (checkpoints.load_checkpoint), report printed; a misfit: one error line."""
-    try:
-        report = load(model, path)
-    except (ValueError, OSError, ImportError) as e:
-        fix = f': pip install {e.name.split(".")[0]}' if isinstance(e, ImportError) else ''
-        raise SystemExit(f'error: {flag} {path}: {e}{fix}') from None
-    if is_main:
-        print(f"loaded {path} ({report['source']}): missing {report['missing'][:6]}, unused "
-              f"{report['unexpected'][:6]}" + ''.join(f'\n  {n}' for n in report['notes']))
-    return report
-
-
 def main(fn):
     """The command-line boundary: a missing file or folder, or a `user_error` exception (the user's
     data, e.g. data.DataError), ends in one `error:` line, exit 1; others are bugs: a traceback."""

@@ -97,7 +97,6 @@ def test_a_hub_classifier_folder_gives_transformers_logits_and_its_label_names(t
     assert report['source'] == 'hub-classifier' and report['missing'] == []
     with torch.no_grad():
         assert rel_err(ours(VIDEO), hub(VIDEO.transpose(1, 2)).logits) <= 2e-5
-    import utils
     assert utils.checkpoint_meta(str(tmp_path))['classes'] == names
     # the weights file alone loads too
     alone = tmp_path / ('model.safetensors' if safe else 'pytorch_model.bin')
@@ -182,9 +181,8 @@ def test_without_safetensors_export_writes_pytorch_model_bin_and_loading_says_wh
         m.setitem(sys.modules, 'safetensors.torch', None)
         checkpoints.export_hf(ours, tmp_path / 'bin')
         with pytest.raises(SystemExit, match=r"^error: --finetune .*: pip install safetensors$"):
-            utils.load_weights(checkpoints.load_checkpoint,
-                               vmae.build_classifier('small', 3, **shape), tmp_path / 'safe',
-                               '--finetune')
+            checkpoints.load_weights(vmae.build_classifier('small', 3, **shape),
+                                     tmp_path / 'safe', '--finetune')
     assert sorted(p.name for p in (tmp_path / 'bin').iterdir()) == ['config.json',
                                                                     'pytorch_model.bin']
     hub = transformers.VideoMAEForVideoClassification.from_pretrained(tmp_path / 'bin')
