@@ -4,9 +4,11 @@ uint8 (T, 3, H, W) clips and the test views; 4. VideoDataset (one decode a video
 replaced and counted); 5. make_loader (augmentation a pure function of (seed, epoch, index),
 whatever the workers, rank or resume point); 6. the dataset readers, in the layouts users
 download (load_split). Clips stay uint8 on the host; stages normalize() them on the device."""
+import atexit
 import contextlib
 import csv
 import json
+import multiprocessing
 import os
 import signal
 import warnings
@@ -56,6 +58,12 @@ def _open(path, threads=0):
     return container, stream, fps, stream.frames or max(1, round(float(seconds * fps)))
 
 
+def _rgb(frame):
+    # one swscale thread: the default (FFmpeg picks) starts a thread pool for every frame, 3/4 of
+    # a 64x64 frame's conversion; DataLoader workers are the parallelism
+    return frame.to_ndarray(format='rgb24', threads=1)  # (H, W, 3) uint8
+
+
 def _decode_wanted(container, stream, wanted, fps, seek):
     """Decode the sorted unique frame indices `wanted` -> {index: (H, W, 3) uint8}. seek=True jumps
     to the keyframe before wanted[0] and names frames by pts; None where that cannot be trusted (no
@@ -74,13 +82,13 @@ def _decode_wanted(container, stream, wanted, fps, seek):
                 return None  # the seek overshot, or variable frame rate / broken pts
             idx = pts_idx
         if idx in want:
-            out[idx] = frame.to_ndarray(format='rgb24')  # RGB conversion only for kept frames
+            out[idx] = _rgb(frame)  # RGB conversion only for kept frames
             if len(out) == len(want):
                 break  # stop after the last wanted frame
         idx += 1
     else:  # the video ended before the last wanted frame: keep its last frame under its own index
         if idx and idx - 1 not in out:
-            out[idx - 1] = frame.to_ndarray(format='rgb24')
+            out[idx - 1] = _rgb(frame)
     return out
 
 
@@ -348,6 +356,16 @@ def _worker_init(_):
     # stops the workers (had they died first, it would crash)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@atexit.register
+def _stop_workers():
+    """Workers still alive at exit (after a crash, or a loader left iterating) would ignore the
+    SIGTERM that multiprocessing stops them with, and the exit would wait for them forever."""
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call them failures
+    for p in multiprocessing.active_children():
+        if p.daemon:  # a DataLoader worker; others are joined, as multiprocessing does
+            p.kill()
 
 
 def make_loader(dataset, batch_size, *, train, num_workers, seed=0, collate_fn=None):

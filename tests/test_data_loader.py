@@ -1,10 +1,14 @@
 """VideoDataset / make_loader / augmentation: shapes, determinism, resume, bad files."""
+import subprocess
+import sys
+
 import numpy as np
 import pytest
 import torch
 
 import data
 import synthetic
+from conftest import ROOT
 
 
 @pytest.fixture(scope='module')
@@ -168,3 +172,23 @@ def test_normalize():
     assert out.dtype == torch.float32 and out.shape == v.shape
     assert torch.allclose(out[0, :, 0, 0, 0],
                           (1 - torch.tensor(data.IMAGENET_MEAN)) / torch.tensor(data.IMAGENET_STD))
+
+
+@pytest.mark.slow
+def test_a_crash_with_decoding_workers_alive_exits_instead_of_waiting_for_them(synth):
+    # the workers ignore SIGTERM (a job-wide signal is the main process's to handle), which is also
+    # how multiprocessing stops them at exit: without data._stop_workers this run never ends
+    # (the traceback keeps train()'s frame, so its loader and workers, alive until the exit)
+    code = ('import data\n'
+            'def train():\n'
+            f"    samples, _ = data.load_split('synthetic', {synth!r}, 'train')\n"
+            "    ds = data.VideoDataset(samples, mode='train', num_frames=8, sampling_rate=2, "
+            'input_size=32)\n'
+            '    loader = data.make_loader(ds, 2, train=True, num_workers=2)\n'
+            '    for batch in loader:\n'
+            "        raise RuntimeError('a bug in the step')\n"
+            'train()\n')
+    p = subprocess.run([sys.executable, '-c', code], cwd=ROOT, capture_output=True, text=True,
+                       timeout=120)
+    assert p.returncode == 1 and 'RuntimeError: a bug in the step' in p.stderr, p.stderr[-2000:]
+    assert 'Exception ignored' not in p.stderr and 'DataLoader worker' not in p.stderr
