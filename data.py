@@ -58,12 +58,6 @@ def _open(path, threads=0):
     return container, stream, fps, stream.frames or max(1, round(float(seconds * fps)))
 
 
-def _rgb(frame):
-    # one swscale thread: the default (FFmpeg picks) starts a thread pool for every frame, 3/4 of
-    # a 64x64 frame's conversion; DataLoader workers are the parallelism
-    return frame.to_ndarray(format='rgb24', threads=1)  # (H, W, 3) uint8
-
-
 def _decode_wanted(container, stream, wanted, fps, seek):
     """Decode the sorted unique frame indices `wanted` -> {index: (H, W, 3) uint8}. seek=True jumps
     to the keyframe before wanted[0] and names frames by pts; None where that cannot be trusted (no
@@ -81,14 +75,15 @@ def _decode_wanted(container, stream, wanted, fps, seek):
             if (pts_idx > wanted[0]) if idx is None else (pts_idx != idx):
                 return None  # the seek overshot, or variable frame rate / broken pts
             idx = pts_idx
-        if idx in want:
-            out[idx] = _rgb(frame)  # RGB conversion only for kept frames
+        if idx in want:  # RGB only for kept frames, on one swscale thread (FFmpeg's default starts
+            # a thread pool per frame: 3/4 of a 64x64 conversion); the workers are the parallelism
+            out[idx] = frame.to_ndarray(format='rgb24', threads=1)
             if len(out) == len(want):
                 break  # stop after the last wanted frame
         idx += 1
     else:  # the video ended before the last wanted frame: keep its last frame under its own index
         if idx and idx - 1 not in out:
-            out[idx - 1] = _rgb(frame)
+            out[idx - 1] = frame.to_ndarray(format='rgb24', threads=1)
     return out
 
 
@@ -358,10 +353,8 @@ def _worker_init(_):
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-@atexit.register
+@atexit.register  # workers alive at exit (after a crash) ignore multiprocessing's SIGTERM: no hang
 def _stop_workers():
-    """Workers still alive at exit (after a crash, or a loader left iterating) would ignore the
-    SIGTERM that multiprocessing stops them with, and the exit would wait for them forever."""
     signal.signal(signal.SIGCHLD, signal.SIG_DFL)  # torch's handler would call them failures
     for p in multiprocessing.active_children():
         if p.daemon:  # a DataLoader worker; others are joined, as multiprocessing does
