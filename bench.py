@@ -77,7 +77,7 @@ def bench_data(args):
     configs = [('naive', naive_read, 1, 1), ('ours', ours, 1, 1), ('ours', ours, 2, 1),
                ('ours', ours, 4, 1), ('ours, 2 windows', ours, 1, 2),
                ('ours, 4 windows', ours, 1, 4),
-               ('ours, 1 decode thread', lambda p, i: ours(p, i, threads=1), 1, 1),
+               ("ours, FFmpeg's decode threads", lambda p, i: ours(p, i, threads=0), 1, 1),
                ('ours, decode only', ours, 0, 1), ('naive, decode only', naive_read, 0, 1)]
     row = table(f'data: decode + augment, one worker ({T} frames at stride {stride}, '
                 f'MultiScaleCrop to {size})',
@@ -176,11 +176,12 @@ def bench_model(args):
                 's / step | clips/s | GFLOP / step | GFLOP/s | % of matmul peak | peak RSS MB',
                 '\nmeasured matmul peak (4096^2): ' + ', '.join(
                     f'{p} {v:.1f} GFLOP/s' for p, v in peaks.items()) if peaks else '')
-    sdpa = F.scaled_dot_product_attention  # model.Attention looks F.<this> up at each call
+    ours = model.attention  # model.Attention looks it up at each call
     for size in args.sizes:
         for precision in args.precisions:
             for attention, R in [(a, R) for a in args.attentions for R in args.decoder_mask_ratios]:
-                F.scaled_dot_product_attention = sdpa if attention == 'sdpa' else explicit
+                model.attention = F.scaled_dot_product_attention if attention == 'sdpa' \
+                    else explicit
                 torch.manual_seed(0)
                 peak_memory(device)  # restart the peak
                 net = model.build_pretrain(size, img_size=S, num_frames=T).to(device)
@@ -192,7 +193,7 @@ def bench_model(args):
                 row(size, precision, attention, R, f'{sec:.3f}', f'{B / sec:.2f}',
                     f'{flops / 1e9:.1f}', f'{rate:.1f}', frac, peak_memory(device))
                 del net
-    F.scaled_dot_product_attention = sdpa
+    model.attention = ours
     if args.profile:  # one more SDPA step of the last size, first precision
         net = model.build_pretrain(args.sizes[-1], img_size=S, num_frames=T).to(device)
         step = pretrain_step_fn(net, B, T, S, ratio, args.precisions[0], device)
@@ -212,11 +213,13 @@ def bench_train(args):
     torch.manual_seed(0)
     net = pretrain.build_model({**dict.fromkeys(('tubelet_size', *pretrain.DECODER_KEYS)),
                                 'drop_path': 0.0, 'use_checkpoint': False, **r})
-    step = pretrain_step_fn(net, B, T, S, r['mask_ratio'], decoder_ratio=r['decoder_mask_ratio'])
+    precision = utils.amp_setup(torch.device('cpu'))[2]  # pretrain.py's default, bf16 if native
+    step = pretrain_step_fn(net, B, T, S, r['mask_ratio'], precision,
+                            decoder_ratio=r['decoder_mask_ratio'])
     sec = timed(step, args.repeats)
     row = table(f'train: pretrain.py end to end (synthetic recipe: {T}x{S}x{S}, batch {B}, '
                 'real AVI decoding)', 'what | s / step | clips/s | waiting for data')
-    row('model step only (no data)', f'{sec:.3f}', f'{B / sec:.1f}', '-')
+    row(f'model step only (no data, {precision})', f'{sec:.3f}', f'{B / sec:.1f}', '-')
     for workers in args.workers:
         cmd = [sys.executable, pretrain.__file__, *(f'--epochs 1 --warmup_epochs 0 --max_videos '
                f'{B * (args.steps + 2)} --num_workers {workers} --vis_videos 1').split()]

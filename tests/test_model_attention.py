@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from model import Attention, DropPath, build_classifier, build_pretrain
+from model import Attention, attention, DropPath, build_classifier, build_pretrain
 
 TINY = dict(embed_dim=32, depth=2, num_heads=2, decoder_embed_dim=16, decoder_depth=1,
             decoder_num_heads=2, patch_size=8, img_size=32, num_frames=4)
@@ -42,6 +42,17 @@ def test_sdpa_attention_matches_plain_softmax_forward_and_backward(dim, heads):
     for a, b in zip(grads, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
     assert grads[1].abs().sum() > 0 and grads[2].abs().sum() > 0  # q_bias, v_bias get gradients
+
+
+def test_cpu_bf16_attention_is_softmax_attention_to_bf16_rounding():
+    # the written-out path model.attention takes on CPU in bf16, against fp64 SDPA
+    torch.manual_seed(0)
+    q, k, v = torch.randn(3, 2, 4, 64, 16, dtype=torch.double).unbind(0)
+    ref = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    out = attention(*(t.bfloat16() for t in (q, k, v)))
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=0.05)
+    assert (out.double() - ref).abs().mean() < 0.01
 
 
 def test_drop_path_is_per_sample_and_identity_in_eval():

@@ -210,9 +210,10 @@ def test_topk_and_per_class_accuracy_and_compare(tmp_path):
     assert 'c ' in b_part and '+ 40.0' in b_part
 
 
-def test_amp_setup_picks_fp32_on_cpu_and_refuses_fp16_there():
+def test_amp_setup_picks_native_bf16_or_fp32_on_cpu_and_refuses_fp16_there():
     ctx, scaler, name = utils.amp_setup(torch.device('cpu'))
-    assert name == 'fp32' and scaler is None
+    native = 'avx512_bf16' in open('/proc/cpuinfo').read().split()   # what the kernel reports
+    assert name == ('bf16' if native else 'fp32') and scaler is None
     ctx, scaler, name = utils.amp_setup(torch.device('cpu'), 'bf16')
     with ctx():
         assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.bfloat16
