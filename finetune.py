@@ -1,6 +1,6 @@
 """End-to-end fine-tuning of a VideoMAE encoder for action classification (Table 10 and § B).
 
-    python finetune.py --finetune runs/pretrain-synthetic/checkpoint-00080.pth  # synthetic, CPU
+    python finetune.py --finetune runs/pretrain-synthetic/checkpoint-00090.pth  # synthetic, CPU
     python finetune.py                         # no --finetune: the supervised from-scratch baseline
     torchrun --nproc_per_node=8 finetune.py --dataset ssv2 --data_path /data/ssv2 --model base \\
         --finetune videomae_base_ssv2_pretrain.pth                            # Table 10, SSv2

@@ -1,8 +1,8 @@
 """Linear probing of a frozen VideoMAE encoder (appendix Table 11): how linearly separable are its
 features?
 
-    python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00080.pth    # synthetic, CPU
-    python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00080.pth --random_init
+    python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00090.pth    # synthetic, CPU
+    python linprobe.py --finetune runs/pretrain-synthetic/checkpoint-00090.pth --random_init
         # the baseline: the same encoder shape, random weights (also: no --finetune at all)
     torchrun --nproc_per_node=8 linprobe.py --dataset ssv2 --data_path /data/ssv2 \\
         --finetune vit_b.pth
