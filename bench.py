@@ -168,8 +168,6 @@ def bench_model(args):
     peaks = ({p: gflops(torch.randn(4096, 4096, dtype=dt)) for p, dt in
               (('fp32', torch.float32), ('bf16', torch.bfloat16)) if p in args.precisions}
              if device.type == 'cpu' else {})
-    # softmax(q k^T / sqrt(d)) v written out (the N x N matrix materialised), against SDPA:
-    explicit = lambda q, k, v: ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
     row = table(f'model: one pre-training step (forward, loss, backward, AdamW), {T}x{S}x{S}, '
                 f'tube ratio {ratio}, batch {B}, {device}', 'model | precision | attention | '
                 'decoder mask | '
@@ -181,7 +179,7 @@ def bench_model(args):
         for precision in args.precisions:
             for attention, R in [(a, R) for a in args.attentions for R in args.decoder_mask_ratios]:
                 model.attention = F.scaled_dot_product_attention if attention == 'sdpa' \
-                    else explicit
+                    else model.explicit_attention
                 torch.manual_seed(0)
                 peak_memory(device)  # restart the peak
                 net = model.build_pretrain(size, img_size=S, num_frames=T).to(device)

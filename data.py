@@ -50,10 +50,8 @@ def _open(path, threads=1):
         container.close()
         raise VideoDecodeError(f'{path}: has no video stream')
     stream = container.streams.video[0]
-    # one decoding thread: the workers are the parallelism. FFmpeg's own (0: it chooses, frame +
-    # slice threads started at each open) make a clip 1.6-2.3x slower on 2 cores (`bench.py data`)
-    stream.thread_type = 'AUTO'
-    stream.codec_context.thread_count = threads
+    stream.thread_type = 'AUTO'  # 1 thread: the workers are the parallelism; FFmpeg's own (0),
+    stream.codec_context.thread_count = threads  # started per open, cost 1.2-2.3x (bench.py data)
     fps = stream.average_rate or stream.guessed_rate or stream.base_rate or Fraction(25)
     seconds = (stream.duration * stream.time_base if stream.duration
                else container.duration / av.time_base)

@@ -117,11 +117,16 @@ class DropPath(nn.Module):
         return x * keep / (1.0 - self.p)
 
 
+def explicit_attention(q, k, v):
+    """softmax(q k^T / sqrt(hd)) v over (B, heads, N, hd), the N x N matrix materialised."""
+    return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+
+
 def attention(q, k, v):
-    """softmax(q k^T / sqrt(hd)) v over (B, heads, N, hd). SDPA, except on CPU in bf16: there its
-    flash kernel is 1.3-1.5x slower than the three ops written out (`bench.py model`)."""
+    """SDPA, except on CPU in bf16: there its flash kernel is 1.3-1.5x slower than the three ops
+    written out (`bench.py model`)."""
     if q.is_cpu and q.dtype == torch.bfloat16:
-        return ((q * q.shape[-1] ** -0.5) @ k.transpose(-2, -1)).softmax(-1) @ v
+        return explicit_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v)
 
 
