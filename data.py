@@ -63,6 +63,7 @@ def _decode_wanted(container, stream, wanted, fps, seek):
     to the keyframe before wanted[0] and names frames by pts; None where that cannot be trusted (no
     pts, a seek past the window, pts that disagree with counting): then count from the start."""
     tb, start = stream.time_base, stream.start_time or 0
+    frames_per_pts = float(tb * fps)  # once: Fraction maths per frame cost 1/4 of a small clip
     if seek:  # half a frame early, so that rounding never puts the target after the wanted frame
         target = start + int((wanted[0] - 0.5) / float(fps) / float(tb))
         container.seek(max(target, start), backward=True, any_frame=False, stream=stream)
@@ -71,7 +72,7 @@ def _decode_wanted(container, stream, wanted, fps, seek):
         if seek:
             if frame.pts is None:
                 return None
-            pts_idx = round(float((frame.pts - start) * tb * fps))
+            pts_idx = round((frame.pts - start) * frames_per_pts)
             if (pts_idx > wanted[0]) if idx is None else (pts_idx != idx):
                 return None  # the seek overshot, or variable frame rate / broken pts
             idx = pts_idx
@@ -99,9 +100,10 @@ def decode_frames(path, indices, *, threads=1, tail_slack=0):
         if wanted[0] > 0:  # seeking pays only past the first keyframe; try it, verify, else count
             with contextlib.suppress(av.FFmpegError):
                 got = _decode_wanted(container, stream, wanted, fps, seek=True)
-        if got is None:  # from the start, re-opened: a failed seek can leave the demuxer anywhere
-            container.close()
-            container, stream, _, _ = _open(path, threads)
+            if got is None:  # re-opened: a failed seek can leave the demuxer anywhere
+                container.close()
+                container, stream, _, _ = _open(path, threads)
+        if got is None:  # count from the start
             got = _decode_wanted(container, stream, wanted, fps, seek=False)
     except Exception as e:
         raise VideoDecodeError(f'{path}: decoding failed ({type(e).__name__}: {e})') from e

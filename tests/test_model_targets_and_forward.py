@@ -48,6 +48,9 @@ def test_cube_targets_match_a_loop(normalize):
     assert got.shape == (2, 2 * 2 * 3, 3 * 2 * 8 * 8) and got.dtype == torch.float32
     torch.testing.assert_close(got.double(), loop_targets(video, 8, 2, normalize),
                                rtol=1e-5, atol=1e-5)
+    rows = random_masking(2, (2, 2, 3), 0.5, generator=torch.Generator().manual_seed(1))
+    torch.testing.assert_close(cube_targets(video, 8, 2, normalize, rows),  # the loss's cubes
+                               got[rows].reshape(2, 6, 384))
 
 
 def test_sine_table_is_the_official_interleaved_formula():
