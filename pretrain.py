@@ -59,7 +59,7 @@ RECIPES = {
     #   so 90 epochs fit 5 min there; at 80, seed 1 rested on a third shelf (loss 0.72, probe
     #   40.6%; at 90: 0.43, 69.8%);
     # - decoding in the main process: a clip takes 2 ms, and on 2 cores a worker would take a core
-    #   from the model's two threads (0.068-0.077 s a step, 0.079-0.094 with 2 workers).
+    #   from the model's two threads (0.066-0.073 s a step, 0.082-0.092 with 2 workers).
     'synthetic': dict(TABLE9, model='small', embed_dim=128, depth=4, num_heads=4,
                       decoder_embed_dim=192, decoder_num_heads=3, decoder_depth=1,
                       patch_size=8, input_size=64, num_frames=8, sampling_rate=4,
