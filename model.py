@@ -319,10 +319,11 @@ def cube_targets(video, patch_size=16, tubelet_size=2, normalize=True, rows=None
     mean, std = torch.tensor([[0.485, 0.456, 0.406], [0.229, 0.224, 0.225]],  # ImageNet's, as in
                              device=video.device)                             # data.py
     with torch.autocast(video.device.type, enabled=False):
-        x = _cube_view(video.float(), p, t).permute(0, 1, 2, 3, 5, 6, 7, 4)  # (B, T', H', W', t,
+        # (B, T', H', W', t, p, p, 3), a view -> (B, N, t*p*p, 3), or (B, n, ...) of the rows only
+        x = _cube_view(video.float(), p, t).permute(0, 1, 2, 3, 5, 6, 7, 4)
         x = x.reshape(B, -1, t * p * p, 3) if rows is None else \
-            x[rows.view(B, *x.shape[1:4])].view(B, -1, t * p * p, 3)           # p, p, 3); a copy
-        x = x.mul_(std).add_(mean)                    # in place, on the copy: no new 3 MB buffers
+            x[rows.view(B, *x.shape[1:4])].view(B, -1, t * p * p, 3)
+        x = x * std + mean  # not in place: with one cube per frame the reshape is the video itself
         if normalize:
             s = x.std(-2, keepdim=True).add_(1e-6)
             x = x.sub_(x.mean(-2, keepdim=True)).div_(s)

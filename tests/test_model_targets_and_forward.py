@@ -53,6 +53,13 @@ def test_cube_targets_match_a_loop(normalize):
                                got[rows].reshape(2, 6, 384))
 
 
+def test_cube_targets_leave_the_video_unchanged_also_with_one_cube_per_frame():
+    video = torch.randn(2, 3, 2, 8, 8)                  # the (t, p, p) reshape is then a view
+    before = video.clone()
+    cube_targets(video, 8, 2)
+    assert torch.equal(video, before)
+
+
 def test_sine_table_is_the_official_interleaved_formula():
     torch.testing.assert_close(sincos_table(1568, 384, 'cpu'), sine_reference(1568, 384))
     assert sincos_table(10, 8, 'cpu') is sincos_table(10, 8, 'cpu')  # cached
