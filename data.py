@@ -62,8 +62,7 @@ def _decode_wanted(container, stream, wanted, fps, seek):
     """Decode the sorted unique frame indices `wanted` -> {index: (H, W, 3) uint8}. seek=True jumps
     to the keyframe before wanted[0] and names frames by pts; None where that cannot be trusted (no
     pts, a seek past the window, pts that disagree with counting): then count from the start."""
-    tb, start = stream.time_base, stream.start_time or 0
-    frames_per_pts = float(tb * fps)  # once: Fraction maths per frame cost 1/4 of a small clip
+    tb, start, per_pts = stream.time_base, stream.start_time or 0, float(stream.time_base * fps)
     if seek:  # half a frame early, so that rounding never puts the target after the wanted frame
         target = start + int((wanted[0] - 0.5) / float(fps) / float(tb))
         container.seek(max(target, start), backward=True, any_frame=False, stream=stream)
@@ -72,7 +71,7 @@ def _decode_wanted(container, stream, wanted, fps, seek):
         if seek:
             if frame.pts is None:
                 return None
-            pts_idx = round((frame.pts - start) * frames_per_pts)
+            pts_idx = round((frame.pts - start) * per_pts)  # a float: Fraction maths was slow
             if (pts_idx > wanted[0]) if idx is None else (pts_idx != idx):
                 return None  # the seek overshot, or variable frame rate / broken pts
             idx = pts_idx
@@ -103,8 +102,7 @@ def decode_frames(path, indices, *, threads=1, tail_slack=0):
             if got is None:  # re-opened: a failed seek can leave the demuxer anywhere
                 container.close()
                 container, stream, _, _ = _open(path, threads)
-        if got is None:  # count from the start
-            got = _decode_wanted(container, stream, wanted, fps, seek=False)
+        got = _decode_wanted(container, stream, wanted, fps, seek=False) if got is None else got
     except Exception as e:
         raise VideoDecodeError(f'{path}: decoding failed ({type(e).__name__}: {e})') from e
     finally:
